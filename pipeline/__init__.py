@@ -1,0 +1,1 @@
+"""The `pipeline` command: a thin click skin over train/, quantize/ and serve/."""

@@ -1,0 +1,263 @@
+"""The `pipeline` command. Heavy modules (TensorFlow) are imported inside the commands that need them,
+so `pipeline --help` and `pipeline label` stay fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from quantize import MODES
+from serve import PipelineError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except PipelineError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as err:  # anything unforeseen still gets one line; PIPELINE_DEBUG=1 shows the traceback
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        click.echo(f"Error: {type(err).__name__}: {err} (set PIPELINE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Train an image classifier, quantise it to 8 bits, and label images with it.
+
+    \b
+      pipeline train                          # Fashion-MNIST, the small CNN
+      pipeline train --data photos/ --config configs/image_folder.yaml
+      pipeline quantize runs/exp              # int8 bundle + accuracy gate
+      pipeline label image.jpg                # top 5 labels, newest bundle
+    """
+
+
+def _config_file(value: str | None) -> Path | None:
+    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.exists() and (CONFIG_DIR / f"{value}.yaml").is_file():
+        return CONFIG_DIR / f"{value}.yaml"
+    return path
+
+
+@cli.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    help="YAML config: a path, or a name in configs/ "
+    "(fashion_mnist, image_folder). Default: configs/fashion_mnist.yaml.",
+)
+@click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
+@click.option("--model", type=click.Choice(["small_cnn", "mobilenet_v2"]), help="Model architecture.")
+@click.option("--epochs", type=int, help="Number of epochs.")
+@click.option("--batch-size", type=int, help="Images per step.")
+@click.option("--name", help="Run name: the run directory is runs/<name>.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any config setting (repeatable), e.g. --set learning_rate=0.002.",
+)
+@click.option("--resume", is_flag=True, help="Continue runs/<name> from its last complete checkpoint.")
+@click.option("--exist-ok", is_flag=True, help="Start runs/<name> over if it exists (its contents are deleted).")
+def train(config_path, data, model, epochs, batch_size, name, overrides, resume, exist_ok) -> None:
+    """Train a classifier; writes checkpoints, metrics and plots to runs/<name>/."""
+    from pipeline.config import load_config, parse_override
+
+    values = dict(parse_override(text) for text in overrides)
+    for key, value in (
+        ("data", data),
+        ("model", model),
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("name", name),
+    ):
+        if value is not None:
+            values[key] = value
+    if resume:
+        if config_path is not None:
+            raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
+        base = load_config(None, {k: v for k, v in values.items() if k in ("name", "runs_dir")})
+        saved = Path(base["runs_dir"]) / base["name"] / "config.yaml"
+        config = load_config(saved, values)
+    else:
+        config = load_config(_config_file(config_path) or CONFIG_DIR / "fashion_mnist.yaml", values)
+
+    from train.run import train as run_training
+
+    run_training(config, resume=resume, exist_ok=exist_ok)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-q",
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(MODES),
+    default=["int8"],
+    show_default=True,
+    help="Bundle(s) to make (repeatable). A float32 bundle is always made as the reference.",
+)
+@click.option(
+    "--calibration-images",
+    default=500,
+    show_default=True,
+    help="Training images (a stratified sample) that set int8 activation ranges.",
+)
+@click.option(
+    "--budget",
+    default=1.0,
+    show_default=True,
+    help="Largest allowed top-1 drop of an int8 bundle against float32, in points.",
+)
+@click.option("--qat-epochs", default=2, show_default=True, help="Fine-tuning epochs for --mode qat.")
+@click.option("--num-threads", default=1, show_default=True, help="Interpreter threads for the latency figures.")
+def quantize(run_dir: Path, modes, calibration_images, budget, qat_epochs, num_threads) -> None:
+    """Export bundles from a run: int8 (post-training), qat, float16, float32.
+
+    Each bundle is one .tflite under RUN_DIR/export/ carrying its labels, input spec and provenance,
+    with labels.txt beside it. Exits 1, keeping the float export, when an int8 bundle loses more than
+    --budget points of top-1 accuracy on held-out data.
+    """
+    from pipeline.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise PipelineError(f"{run_dir}: not a run directory (no config.yaml); train one with pipeline train")
+    config = load_config(run_dir / "config.yaml")
+
+    from quantize.export import QuantizeData, export_bundles
+    from train.data import load_dataset, stratified_sample
+
+    data = load_dataset(config)
+    calibration = data.train_x[stratified_sample(data.train_y, calibration_images, config["seed"])]
+    held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
+    report = export_bundles(
+        run_dir,
+        QuantizeData(data.class_names, calibration, *held_out, data.train_x, data.train_y),
+        list(modes),
+        budget,
+        qat_epochs,
+        num_threads,
+    )
+    if report["rejected"]:
+        raise PipelineError(
+            f"{run_dir}: {', '.join(report['rejected'])} lost more than {budget} points of top-1 accuracy; "
+            "bundle not written (try --mode qat, more --calibration-images, or a larger --budget)"
+        )
+
+
+def newest_bundle(runs_dir: Path = Path("runs")) -> Path:
+    """The most recently written bundle under runs/*/export/."""
+    bundles = [p for p in runs_dir.glob("*/export/*.tflite") if not p.name.startswith(".")]
+    if not bundles:
+        raise PipelineError(f"{runs_dir}: no bundle found; run pipeline quantize first, or pass -m model.tflite")
+    return max(bundles, key=lambda p: p.stat().st_mtime)
+
+
+@cli.command()
+@click.argument("images", nargs=-1)
+@click.option("-i", "--image", "more_images", multiple=True, help="An image to label (label_image's flag).")
+@click.option(
+    "-m",
+    "--model_file",
+    type=click.Path(path_type=Path),
+    help="A .tflite bundle. Default: the newest bundle under runs/.",
+)
+@click.option(
+    "-l",
+    "--label_file",
+    type=click.Path(path_type=Path),
+    help="Labels, one per line. Default: the bundle's own, else labels.txt beside the model.",
+)
+@click.option("-k", "--top_k", default=5, show_default=True, help="How many labels to print per image.")
+@click.option("--input_mean", type=float, help="Float models: subtract this from pixels (bundles: 0).")
+@click.option("--input_std", type=float, help="Float models: divide pixels by this (bundles: 1).")
+@click.option("--num_threads", type=int, help="Interpreter threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of label_image-style lines.")
+def label(images, more_images, model_file, label_file, top_k, input_mean, input_std, num_threads, as_json) -> None:
+    """Print the top labels of each image, best first: `label (index): score`."""
+    import time
+
+    from serve import Classifier, ImageError
+
+    images = list(images) + list(more_images)
+    if not images:
+        raise click.UsageError("give at least one image")
+    classifier = Classifier(model_file or newest_bundle(), label_file, num_threads, input_mean, input_std)
+    results, failed = [], 0
+    for image in images:
+        started = time.perf_counter()
+        try:
+            predictions = classifier.classify(image, top_k)
+        except ImageError as err:
+            failed += 1
+            results.append({"image": image, "error": str(err)})
+            if not as_json:
+                click.echo(f"Error: {err}", err=True)
+            continue
+        elapsed_ms = 1000 * (time.perf_counter() - started)
+        results.append({"image": image, "time_ms": round(elapsed_ms, 3), "predictions": [vars(p) for p in predictions]})
+        if not as_json:
+            if len(images) > 1:
+                click.echo(f"{image}:")
+            for p in predictions:
+                click.echo(f"{p.label} ({p.index}): {p.score:.6f}")
+    if as_json:
+        click.echo(json.dumps({"model": str(classifier.model_path), "results": results}, indent=2))
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--count", default=5, show_default=True, help="How many images.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("samples"),
+    show_default=True,
+    help="Folder to write them to.",
+)
+@click.option("--data-path", help="Folder with Fashion-MNIST's idx files (found automatically by default).")
+def samples(count, out, data_path) -> None:
+    """Write Fashion-MNIST test images as PNG files to try `pipeline label` on.
+
+    File names carry the true class: 0000_ankle_boot.png.
+    """
+    from PIL import Image
+
+    from train.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_fashion_mnist
+
+    images, labels = read_fashion_mnist(find_fashion_mnist(data_path), "test")
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, len(images))):
+        slug = FASHION_MNIST_CLASSES[labels[i]].lower().replace("/", "_").replace(" ", "_").replace("-", "_")
+        path = out / f"{i:04d}_{slug}.png"
+        Image.fromarray(images[i]).save(path)
+        click.echo(path)

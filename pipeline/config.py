@@ -1,0 +1,106 @@
+"""One config system: defaults here, a YAML file from configs/ over them, then command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from serve import PipelineError
+
+# Every training setting, with its default. A config file or `--set key=value` may change any of them.
+DEFAULTS: dict = {
+    "name": "exp",  # the run directory is <runs_dir>/<name>
+    "runs_dir": "runs",
+    "data": "fashion-mnist",  # "fashion-mnist", or a folder with one sub-folder of images per class
+    "data_path": None,  # where Fashion-MNIST's idx files are (found automatically when null)
+    "max_images_per_class": None,  # cap each class, for quick experiments
+    "val_fraction": 0.1,
+    "input_size": 28,  # height = width of the model input
+    "channels": 1,  # 1 (grey) or 3 (RGB)
+    "model": "small_cnn",  # small_cnn | mobilenet_v2
+    "width": 1.0,  # width multiplier (filters scale)
+    "dropout": 0.3,
+    "augment": False,  # random flips, shifts and brightness on training images
+    "epochs": 15,
+    "batch_size": 128,
+    "learning_rate": 0.001,  # peak of a cosine decay over the whole run
+    "label_smoothing": 0.0,
+    "keep_checkpoints": 3,  # per-epoch checkpoints kept (the best model is kept apart)
+    "seed": 42,
+}
+
+
+class ConfigError(PipelineError):
+    """A config file or override that cannot be used."""
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` with the value read as YAML (so 5 is an int, null is None, true is a bool)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text}: expected key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
+    """DEFAULTS, updated by the YAML file at `path`, then by `overrides`; unknown keys are errors."""
+    config = dict(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        _update(config, loaded, str(path))
+    _update(config, overrides or {}, "command line")
+    return validate(config)
+
+
+def _update(config: dict, values: dict, source: str) -> None:
+    for key, value in values.items():
+        if key not in DEFAULTS:
+            known = ", ".join(sorted(DEFAULTS))
+            raise ConfigError(f"{source}: unknown setting '{key}' (known: {known})")
+        config[key] = value
+
+
+def validate(config: dict) -> dict:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={config[key]!r}: {what}")
+
+    positive_ints = ["input_size", "epochs", "batch_size", "keep_checkpoints"]
+    for key in positive_ints:
+        need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
+    need(config["channels"] in (1, 3), "channels", "must be 1 or 3")
+    need(config["model"] in ("small_cnn", "mobilenet_v2"), "model", "must be small_cnn or mobilenet_v2")
+    need(
+        isinstance(config["val_fraction"], float) and 0 < config["val_fraction"] < 1,
+        "val_fraction",
+        "must be between 0 and 1",
+    )
+    for key in ("width", "learning_rate"):
+        need(isinstance(config[key], (int, float)) and config[key] > 0, key, "must be a positive number")
+    for key in ("dropout", "label_smoothing"):
+        need(isinstance(config[key], (int, float)) and 0 <= config[key] < 1, key, "must be in [0, 1)")
+    need(
+        config["max_images_per_class"] is None
+        or (isinstance(config["max_images_per_class"], int) and config["max_images_per_class"] > 1),
+        "max_images_per_class",
+        "must be null or an integer > 1",
+    )
+    need(isinstance(config["seed"], int), "seed", "must be an integer")
+    need(isinstance(config["augment"], bool), "augment", "must be true or false")
+    need(
+        isinstance(config["name"], str) and config["name"] and "/" not in config["name"],
+        "name",
+        "must be a plain directory name",
+    )
+    if config["model"] == "mobilenet_v2":
+        need(config["input_size"] >= 32, "input_size", "mobilenet_v2 needs at least 32")
+    return config

@@ -1,0 +1,10 @@
+"""Training: data sources, models and the training loop.
+
+Horovod and tfmot need Keras 2 (tf_keras); TensorFlow only uses it when this variable is set before
+tensorflow is first imported, so it is set here, before any module of this package imports it.
+"""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

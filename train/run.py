@@ -1,0 +1,303 @@
+"""The training loop: one run directory, `model.fit`, atomic per-epoch checkpoints, exact resume.
+
+Run directory (the contract later stages read):
+    config.yaml            the resolved config
+    data.json              data source, fingerprint, class names, split sizes, skipped files
+    checkpoints/epoch_NNN/ model + optimizer state after epoch NNN (written to a temp dir, then renamed)
+    best.keras             the model with the best validation accuracy so far
+    metrics.csv/.json      one row per epoch
+    curves.png, confusion_matrix.png, tensorboard/
+    summary.json           the outcome: best epoch, validation and test accuracy, timings
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+import yaml
+
+from serve import PipelineError
+from serve.atomic import atomic_path, write_atomic
+from train.data import Dataset, load_dataset
+from train.models import NORMALIZATION, build_model
+from train.plots import plot_confusion, plot_curves
+
+CHECKPOINT_PREFIX = "epoch_"
+
+
+class RunError(PipelineError):
+    """A run directory that cannot be used as asked."""
+
+
+def run_dir(config: dict) -> Path:
+    return Path(config["runs_dir"]) / config["name"]
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "tf_keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. Temp dirs of an interrupted write are not listed."""
+    found = []
+    for path in (run / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX) :]
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
+    """Train the model `config` describes into its run directory and return that directory."""
+    run = run_dir(config)
+    start_epoch = _prepare_run_dir(run, resume, exist_ok)
+    keras.utils.set_random_seed(config["seed"])
+    tf.config.experimental.enable_op_determinism()
+    # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
+    keras.backend.experimental.enable_tf_random_generator()
+
+    data = load_dataset(config)
+    write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
+
+    model = build_model(
+        config["model"],
+        config["input_size"],
+        config["channels"],
+        len(data.class_names),
+        config["width"],
+        config["dropout"],
+    )
+    steps_per_epoch = math.ceil(len(data.train_y) / config["batch_size"])
+    _compile(model, config, steps_per_epoch, len(data.class_names))
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=_dropout_rngs(model))
+    history: list[dict] = []
+    if start_epoch:
+        checkpoint.read(str(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt")).expect_partial()
+        history = [row for row in _read_history(run) if row["epoch"] <= start_epoch]
+        print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
+
+    _print_header(run, config, data, model)
+    started = time.time()
+    if start_epoch < config["epochs"]:
+        model.fit(
+            _train_batches(data, config, start_epoch),
+            epochs=config["epochs"],
+            initial_epoch=start_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), config["batch_size"]),
+            callbacks=[
+                RunWriter(run, checkpoint, history, config["keep_checkpoints"]),
+                keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
+            ],
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    return _finish(run, config, data, history, time.time() - started)
+
+
+def _prepare_run_dir(run: Path, resume: bool, exist_ok: bool) -> int:
+    """The epoch to start from (0 for a new run)."""
+    if resume:
+        found = checkpoints(run)
+        if not found:
+            raise RunError(f"{run}: no complete checkpoint to resume from; start it without --resume")
+        return found[-1][0]
+    if run.exists() and any(run.iterdir()):
+        if not exist_ok:
+            raise RunError(
+                f"{run}: run directory already exists; pass --resume to continue it, --exist-ok to start it "
+                "over, or --name for a new run"
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return 0
+
+
+def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> None:
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config["learning_rate"], decay_steps=config["epochs"] * steps_per_epoch, alpha=0.01
+    )
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5"))
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
+        metrics=metrics,
+    )
+    # Create the optimizer's slots now, so a checkpoint restores them at once rather than lazily.
+    model.optimizer.build(model.trainable_variables)
+
+
+def _dropout_rngs(model) -> list:
+    """The random generators of the model's dropout layers. Keras keeps them out of checkpoints, yet a
+    resumed run must continue their streams to draw the masks an uninterrupted run would."""
+    rngs = []
+    for layer in model.layers:
+        generator = getattr(layer, "_random_generator", None)
+        if generator is not None:
+            generator._maybe_init()
+            if generator._generator is not None:
+                rngs.append(generator._generator)
+    return rngs
+
+
+def _train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
+    """Batches for epochs start_epoch.. onwards. Each epoch's order depends only on (seed, epoch), so a
+    resumed run sees exactly the batches an uninterrupted one would have."""
+    images = tf.constant(data.train_x)
+    labels = tf.one_hot(data.train_y, len(data.class_names))
+    count, batch_size, seed = len(data.train_y), config["batch_size"], config["seed"]
+    augment = config["augment"]
+
+    def one_epoch(epoch):
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=tf.stack([seed, epoch])))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+
+        def gather(step, indices):
+            x = tf.cast(tf.gather(images, indices), tf.float32)
+            if augment:
+                x = _augment(x, tf.stack([epoch, step]))
+            return x, tf.gather(labels, indices)
+
+        return batches.map(gather)
+
+    epochs = tf.data.Dataset.range(start_epoch, config["epochs"], output_type=tf.int64)
+    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Light, seeded augmentation: mirror each image, shift the batch up to 1/8 of its size, vary brightness."""
+    seed = tf.cast(seed, tf.int64)
+    batch = tf.image.stateless_random_flip_left_right(batch, seed=seed)
+    shape = tf.shape(batch)
+    pad_h, pad_w = shape[1] // 8, shape[2] // 8
+    padded = tf.pad(batch, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
+    batch = tf.image.stateless_random_crop(padded, shape, seed=seed + 1)
+    batch = tf.image.stateless_random_brightness(batch, 0.1 * 255.0, seed=seed + 2)
+    return tf.clip_by_value(batch, 0.0, 255.0)
+
+
+def _eval_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:
+    return (
+        tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, num_classes)))
+        .batch(batch_size)
+        .map(lambda images, labels: (tf.cast(images, tf.float32), labels))
+    )
+
+
+class RunWriter(keras.callbacks.Callback):
+    """After each epoch: best model, metrics, curves, then the checkpoint (last, so that a checkpoint's
+    existence implies everything before it was written)."""
+
+    def __init__(self, run: Path, checkpoint: tf.train.Checkpoint, history: list[dict], keep: int) -> None:
+        super().__init__()
+        self.run, self.checkpoint, self.history, self.keep = run, checkpoint, history, keep
+        self.best = max((row["val_accuracy"] for row in history), default=-1.0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        row["learning_rate"] = float(self.model.optimizer.learning_rate)  # the rate of the last step
+        row["seconds"] = round(time.time() - self.epoch_started, 2)
+        self.history.append(row)
+        if row["val_accuracy"] > self.best:
+            self.best = row["val_accuracy"]
+            with atomic_path(self.run / "best.keras") as tmp:
+                self.model.save(tmp)
+        _write_history(self.run, self.history)
+        plot_curves(self.history, self.run / "curves.png")
+        self._save_checkpoint(epoch + 1)
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        folder = self.run / "checkpoints"
+        final = folder / f"{CHECKPOINT_PREFIX}{epoch:03d}"
+        tmp = folder / f".{CHECKPOINT_PREFIX}{epoch:03d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.checkpoint.write(str(tmp / "ckpt"))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for _, old in checkpoints(self.run)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_history(run: Path, history: list[dict]) -> None:
+    write_atomic(run / "metrics.json", json.dumps(history, indent=2))
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(run / "metrics.csv", text.getvalue())
+
+
+def _read_history(run: Path) -> list[dict]:
+    path = run / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _print_header(run: Path, config: dict, data: Dataset, model) -> None:
+    test = f" / {len(data.test_y)} test" if data.test_y is not None else ""
+    skipped = f", {len(data.skipped)} unreadable skipped" if data.skipped else ""
+    print(f"run:   {run}")
+    print(
+        f"data:  {data.source}: {len(data.train_y)} train / {len(data.val_y)} val{test} images, "
+        f"{len(data.class_names)} classes{skipped}"
+    )
+    print(
+        f"model: {config['model']} {config['input_size']}x{config['input_size']}x{config['channels']}, "
+        f"{model.count_params():,} parameters, {config['epochs']} epochs of batch {config['batch_size']}"
+    )
+    sys.stdout.flush()
+
+
+def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds: float) -> Path:
+    """Evaluate the best model on validation (and test) data, plot its confusion matrix, write summary.json."""
+    model = keras.models.load_model(run / "best.keras", compile=False)
+    best = max(history, key=lambda row: row["val_accuracy"])
+    val_pred = np.argmax(model.predict(data.val_x.astype(np.float32), batch_size=256, verbose=0), axis=1)
+    matrix = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
+    np.add.at(matrix, (data.val_y, val_pred), 1)
+    plot_confusion(
+        matrix,
+        data.class_names,
+        run / "confusion_matrix.png",
+        f"validation, epoch {best['epoch']}: accuracy {np.mean(val_pred == data.val_y):.4f}",
+    )
+    summary = {
+        "best_epoch": best["epoch"],
+        "epochs": len(history),
+        "val_accuracy": float(np.mean(val_pred == data.val_y)),
+        "test_accuracy": None,
+        "train_seconds": round(seconds, 1),
+        "skipped_images": len(data.skipped),
+        "data_fingerprint": data.fingerprint,
+        "normalization": dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
+        "versions": versions(),
+    }
+    if data.test_y is not None:
+        test_pred = np.argmax(model.predict(data.test_x.astype(np.float32), batch_size=256, verbose=0), axis=1)
+        summary["test_accuracy"] = float(np.mean(test_pred == data.test_y))
+    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
+    test = f", test accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
+    print(f"best epoch {best['epoch']}: val accuracy {summary['val_accuracy']:.4f}{test}")
+    print(f"run directory: {run}")
+    return run
