@@ -18,6 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once, even in a pipe or a log
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -63,6 +63,13 @@ class Classifier:
         self.input_mean = input_mean if input_mean is not None else (LABEL_IMAGE_MEAN if plain else 0.0)
         self.input_std = input_std if input_std is not None else (LABEL_IMAGE_STD if plain else 1.0)
         self.labels = self._find_labels(label_file)
+        # The usual int8 bundle: uint8 input quantised with scale 1, zero point 0 takes pixels unchanged.
+        self._takes_pixels_as_they_are = (
+            self.metadata is not None
+            and self.input_dtype == np.uint8
+            and self.input_quantization == (1.0, 0)
+            and (self.input_mean, self.input_std) == (0.0, 1.0)
+        )
         self._lock = threading.Lock()
         self._batch_size = 1
 
@@ -103,6 +110,8 @@ class Classifier:
 
     def _to_input(self, pixels: np.ndarray) -> np.ndarray:
         dtype = self.input_dtype
+        if self._takes_pixels_as_they_are:
+            return pixels
         if dtype == np.float32:
             return ((pixels.astype(np.float32) - self.input_mean) / self.input_std).astype(np.float32)
         if self.metadata is None:

@@ -66,13 +66,16 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     """Train the model `config` describes into its run directory and return that directory."""
     run = run_dir(config)
-    start_epoch = _prepare_run_dir(run, resume, exist_ok)
+    start_epoch = _start_epoch(run, resume, exist_ok)
+    data = load_dataset(config)  # before touching the run directory: bad data must not cost an old run
+    if start_epoch == 0:
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
     keras.utils.set_random_seed(config["seed"])
     tf.config.experimental.enable_op_determinism()
     # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
     keras.backend.experimental.enable_tf_random_generator()
 
-    data = load_dataset(config)
     write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
 
@@ -111,8 +114,8 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     return _finish(run, config, data, history, time.time() - started)
 
 
-def _prepare_run_dir(run: Path, resume: bool, exist_ok: bool) -> int:
-    """The epoch to start from (0 for a new run)."""
+def _start_epoch(run: Path, resume: bool, exist_ok: bool) -> int:
+    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok."""
     if resume:
         found = checkpoints(run)
         if not found:
@@ -124,8 +127,6 @@ def _prepare_run_dir(run: Path, resume: bool, exist_ok: bool) -> int:
                 f"{run}: run directory already exists; pass --resume to continue it, --exist-ok to start it "
                 "over, or --name for a new run"
             )
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
     return 0
 
 

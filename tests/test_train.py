@@ -1,0 +1,155 @@
+"""Training: data sources, the cache, the config, the run directory and an exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
+from train.data import DataError, cache_dir, load_dataset, stratified_sample, stratified_split
+
+
+def folder_config(root, **changes) -> dict:
+    return load_config(None, {"data": str(root), "input_size": 24, "channels": 3, **changes})
+
+
+def test_stratified_split_is_seeded_and_keeps_class_shares():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    train, val = stratified_split(labels, 0.2, seed=7)
+    assert np.array_equal(train, stratified_split(labels, 0.2, seed=7)[0])
+    assert not np.array_equal(val, stratified_split(labels, 0.2, seed=8)[1])
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
+    assert np.bincount(labels[val]).tolist() == [20, 10, 6, 4]
+    sample = stratified_sample(labels, 40, seed=1)
+    assert np.bincount(labels[sample]).tolist() == [20, 10, 6, 4]
+
+
+def test_image_folder_skips_corrupt_and_stray_files(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes", per_class=12)
+    (root / "red_squares" / "notes.txt").write_text("not an image, ignored")
+    (root / "green_discs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    data = load_dataset(folder_config(root))
+    assert data.class_names == ["blue_stripes", "green_discs", "red_squares"]
+    assert data.skipped == [str(root / "green_discs" / "broken.jpg")]
+    assert f"{root / 'green_discs' / 'broken.jpg'}: skipped" in capsys.readouterr().err
+    assert len(data.train_y) + len(data.val_y) == 36
+    assert data.train_x.shape[1:] == (24, 24, 3) and data.train_x.dtype == np.uint8
+    assert np.bincount(data.val_y).tolist() == [1, 1, 1]  # 10% of each class, at least one
+
+
+def test_cache_is_reused_and_keyed_by_content_and_size(tmp_path):
+    root = make_image_folder(tmp_path / "shapes", per_class=6)
+    first = load_dataset(folder_config(root))
+    cached = list(cache_dir().glob("*.npz"))
+    entry = max(cached, key=lambda p: p.stat().st_mtime)
+    # Prove the second run reads the cache rather than decoding: plant a marker in the cached pixels.
+    with np.load(entry) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays["train_x"][:] = 77
+    with open(entry, "wb") as f:
+        np.savez(f, **arrays)
+    assert (load_dataset(folder_config(root)).train_x == 77).all()
+    # Another input size, or a changed file, is another cache entry and a fresh decode.
+    assert not (load_dataset(folder_config(root, input_size=20)).train_x == 77).all()
+    Image.new("RGB", (30, 30), (0, 0, 230)).save(root / "blue_stripes" / "000.png")
+    again = load_dataset(folder_config(root))
+    assert again.fingerprint != first.fingerprint
+    assert not (again.train_x == 77).all()
+
+
+def test_bad_data_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such data folder"):
+        load_dataset(folder_config(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        load_dataset(folder_config(tmp_path / "empty"))
+    root = make_image_folder(tmp_path / "shapes", per_class=4)
+    (root / "zebras").mkdir()
+    (root / "zebras" / "readme.txt").write_text("no pictures yet")
+    with pytest.raises(DataError, match="class 'zebras' has no images"):
+        load_dataset(folder_config(root))
+
+
+def test_config_layers_and_rejects_unknown_settings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nmodel: mobilenet_v2\ninput_size: 64\n")
+    config = load_config(path, {"epochs": 5})
+    assert (config["epochs"], config["model"], config["batch_size"]) == (5, "mobilenet_v2", 128)
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
+        load_config(None, {"epoch": 3})
+    with pytest.raises(ConfigError, match="channels"):
+        load_config(None, {"channels": 2})
+    path.write_text("epochs: [unclosed\n")
+    with pytest.raises(ConfigError, match="not a readable YAML"):
+        load_config(path)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, fragment in [
+        (["train", "--data", str(tmp_path / "nowhere"), "--set", f"runs_dir={tmp_path}"], "no such data folder"),
+        (["train", "--set", "epochs=zero"], "epochs='zero'"),
+        (["train", "--config", str(tmp_path / "none.yaml")], "no such config file"),
+        (["quantize", str(tmp_path)], "not a run directory"),
+        (["train", "--name", "never", "--resume", "--set", f"runs_dir={tmp_path}"], "config.yaml"),
+    ]:
+        result = run_pipeline(*args, check=False)
+        assert result.returncode == 1, args
+        assert "Traceback" not in result.stderr
+        assert fragment in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_run_directory_contract(fmnist_run):
+    names = {p.name for p in fmnist_run.iterdir()}
+    assert {"config.yaml", "data.json", "checkpoints", "best.keras", "metrics.csv", "metrics.json", "curves.png",
+            "confusion_matrix.png", "tensorboard", "summary.json"} <= names  # fmt: skip
+    history = json.loads((fmnist_run / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert (fmnist_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,accuracy")
+    assert sorted(p.name for p in (fmnist_run / "checkpoints").iterdir()) == ["epoch_001", "epoch_002"]
+    summary = json.loads((fmnist_run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert Image.open(fmnist_run / "curves.png").size[0] > 300
+    assert any((fmnist_run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_existing_run_is_not_overwritten(fmnist_run):
+    before = (fmnist_run / "metrics.json").read_bytes()
+    result = run_pipeline("train", "--name", "fmnist", "--set", f"runs_dir={fmnist_run.parent}", check=False)
+    assert result.returncode == 1 and "--resume" in result.stderr
+    assert (fmnist_run / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    common = ["--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=400", "--epochs", "3",
+              "--batch-size", "32"]  # fmt: skip
+    run_pipeline("train", "--name", "straight", *common)
+
+    worker = subprocess.Popen([*PIPELINE, "train", "--name", "killed", *common], cwd=ROOT, env=os.environ,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = tmp_path / "killed" / "checkpoints" / "epoch_001"
+    deadline = time.time() + 300
+    while not first.exists() and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not (tmp_path / "killed" / "checkpoints" / "epoch_003").exists()
+
+    run_pipeline("train", "--name", "killed", "--resume", "--set", f"runs_dir={tmp_path}")
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["epoch"], key)
+    leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
