@@ -8,8 +8,8 @@ the few flatbuffer lookups below follow tensorflow/lite/schema/schema.fbs.
 from __future__ import annotations
 
 import json
+import os
 import struct
-from pathlib import Path
 
 from serve.errors import BundleError
 
@@ -84,20 +84,21 @@ def read_model_metadata(model: bytes) -> dict[str, bytes]:
     return entries
 
 
-def read_model_file(path: str | Path) -> bytes:
+def read_model_file(path: str | os.PathLike) -> bytes:
     """The bytes of a .tflite file, or a BundleError naming the file."""
-    path = Path(path)
-    if not path.exists():
+    path = os.fspath(path)
+    if not os.path.exists(path):
         raise BundleError(f"{path}: no such model file")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise BundleError(f"{path}: is a directory, not a .tflite model")
-    model = path.read_bytes()
+    with open(path, "rb") as f:
+        model = f.read()
     if len(model) < 8 or model[4:8] != TFLITE_IDENTIFIER:
         raise BundleError(f"{path}: not a TFLite model (no TFL3 identifier)")
     return model
 
 
-def read_bundle_metadata(path: str | Path, model: bytes) -> dict | None:
+def read_bundle_metadata(path: str | os.PathLike, model: bytes) -> dict | None:
     """The pipeline's JSON metadata inside the model, or None for a plain .tflite file."""
     try:
         raw = read_model_metadata(model).get(BUNDLE_METADATA_NAME)
@@ -111,11 +112,12 @@ def read_bundle_metadata(path: str | Path, model: bytes) -> dict | None:
         raise BundleError(f"{path}: unreadable bundle metadata ({err})") from None
 
 
-def read_labels(path: str | Path) -> list[str]:
+def read_labels(path: str | os.PathLike) -> list[str]:
     """One label per line; blank trailing lines ignored."""
-    path = Path(path)
+    path = os.fspath(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         raise BundleError(f"{path}: no such labels file") from None
     except IsADirectoryError:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -19,8 +19,7 @@ LABEL_IMAGE_MEAN = 127.5
 LABEL_IMAGE_STD = 127.5
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
     label: str
     index: int
     score: float
@@ -36,13 +35,13 @@ class Classifier:
 
     def __init__(
         self,
-        model_path: str | Path,
-        label_file: str | Path | None = None,
+        model_path: str | os.PathLike,
+        label_file: str | os.PathLike | None = None,
         num_threads: int | None = None,
         input_mean: float | None = None,
         input_std: float | None = None,
     ) -> None:
-        self.model_path = Path(model_path)
+        self.model_path = os.fspath(model_path)
         model = read_model_file(self.model_path)
         self.metadata = read_bundle_metadata(self.model_path, model)
         try:
@@ -73,19 +72,20 @@ class Classifier:
         self._lock = threading.Lock()
         self._batch_size = 1
 
-    def _find_labels(self, label_file: str | Path | None) -> list[str]:
-        beside = self.model_path.parent / "labels.txt"
+    def _find_labels(self, label_file: str | os.PathLike | None) -> list[str]:
+        beside = os.path.join(os.path.dirname(self.model_path), "labels.txt")
         if label_file is not None:
-            source, labels = Path(label_file), read_labels(label_file)
+            source, labels = os.fspath(label_file), read_labels(label_file)
         elif self.metadata and self.metadata.get("labels"):
             source, labels = self.model_path, list(self.metadata["labels"])
-        elif beside.is_file():
+        elif os.path.isfile(beside):
             source, labels = beside, read_labels(beside)
         else:
             return [str(i) for i in range(self.num_classes)]
         if len(labels) != self.num_classes:
             raise BundleError(
-                f"{source}: has {len(labels)} labels but {self.model_path.name} has {self.num_classes} outputs"
+                f"{source}: has {len(labels)} labels but {os.path.basename(self.model_path)} "
+                f"has {self.num_classes} outputs"
             )
         return labels
 
