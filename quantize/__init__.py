@@ -7,7 +7,7 @@ tensorflow is first imported, so it is set here, before any module of this packa
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides "failed call to cuInit" on CPU-only machines
 
 # Bundle kinds `pipeline quantize` makes. Kept here, free of TensorFlow, so the CLI can list them fast.
 MODES = ("int8", "qat", "float16", "float32")
