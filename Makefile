@@ -5,13 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HOROVOD := $(VENV)/.horovod
 FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_KERAS := $(HOME)/.keras/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: setup data demo test bench lint clean
 
-setup: $(STAMP) data
+setup: $(STAMP) $(HOROVOD) data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,18 @@ $(BIN)/python:
 # with a .pth file instead of an import hook, which would cost `pipeline label` ~15 ms at every start.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[train,test]' --config-settings editable_mode=compat
+	touch $@
+
+# Horovod 0.28.1 compiled against the pinned TensorFlow (2-3 minutes), only when it does not import yet.
+# Gloo always; MPI too where Debian's openmpi is installed (libopenmpi-dev). Needs cmake < 4 and a C++ compiler.
+$(HOROVOD): $(STAMP)
+	@if ! $(BIN)/python -c "import horovod.tensorflow" 2>/dev/null; then \
+	  command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake g++; }; \
+	  MPI=$$(command -v mpicxx >/dev/null && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1); \
+	  env MAKEFLAGS=-j$$(nproc) HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+	    HOROVOD_WITH_GLOO=1 $$MPI $(BIN)/pip install --no-build-isolation --no-cache-dir horovod==0.28.1 || exit 1; \
+	fi
+	$(BIN)/horovodrun --check-build
 	touch $@
 
 # Fashion-MNIST from Debian's package, unless Keras's cache already has it.
@@ -46,6 +59,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/horovod_bench.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

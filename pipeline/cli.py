@@ -37,7 +37,8 @@ def main() -> None:
     except Exception as err:  # anything unforeseen still gets one line; PIPELINE_DEBUG=1 shows the traceback
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        click.echo(f"Error: {type(err).__name__}: {err} (set PIPELINE_DEBUG=1 for a traceback)", err=True)
+        first_line = (str(err).strip().splitlines() or [""])[0]  # TensorFlow's messages run to pages
+        click.echo(f"Error: {type(err).__name__}: {first_line} (set PIPELINE_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
 
 
@@ -79,10 +80,44 @@ def _config_file(value: str) -> str:
     metavar="KEY=VALUE",
     help="Override any config setting (repeatable), e.g. --set learning_rate=0.002.",
 )
+@click.option(
+    "--compression",
+    type=click.Choice(["fp16", "none"]),
+    help="Gradients between workers: fp16 (default) or none (float32).",
+)
+@click.option("--workers", type=click.IntRange(1), help="Run as N data-parallel Horovod workers (via horovodrun).")
+@click.option("--hosts", help="With --workers: machines and their slots, host1:4,host2:4 (default localhost:N).")
+@click.option(
+    "--worker-timeout",
+    default=120,
+    show_default=True,
+    help="With --workers: seconds a stalled worker may hold up the others before the job stops.",
+)
 @click.option("--resume", is_flag=True, help="Continue runs/<name> from its last complete checkpoint.")
 @click.option("--exist-ok", is_flag=True, help="Start runs/<name> over if it exists (its contents are deleted).")
-def train(config_path, data, model, epochs, batch_size, name, overrides, resume, exist_ok) -> None:
-    """Train a classifier; writes checkpoints, metrics and plots to runs/<name>/."""
+def train(
+    config_path,
+    data,
+    model,
+    epochs,
+    batch_size,
+    name,
+    overrides,
+    compression,
+    workers,
+    hosts,
+    worker_timeout,
+    resume,
+    exist_ok,
+) -> None:
+    """Train a classifier; writes checkpoints, metrics and plots to runs/<name>/.
+
+    \b
+    Alone:              pipeline train ...
+    Several processes:  pipeline train --workers 2 ...
+    Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
+    or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
+    """
     from pipeline.config import load_config, parse_override
 
     values = dict(parse_override(text) for text in overrides)
@@ -92,9 +127,12 @@ def train(config_path, data, model, epochs, batch_size, name, overrides, resume,
         ("epochs", epochs),
         ("batch_size", batch_size),
         ("name", name),
+        ("compression", compression),
     ):
         if value is not None:
             values[key] = value
+    if hosts and not workers:
+        raise click.UsageError("--hosts needs --workers")
     if resume:
         if config_path is not None:
             raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
@@ -102,6 +140,18 @@ def train(config_path, data, model, epochs, batch_size, name, overrides, resume,
         config = load_config(os.path.join(base["runs_dir"], base["name"], "config.yaml"), values)
     else:
         config = load_config(_config_file(config_path or "fashion_mnist"), values)
+
+    if workers:
+        from train.launch import run_workers
+
+        # Each worker resolves the same config file and overrides (checked above), so all train the same thing.
+        args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
+        if not resume:
+            args += ["--config", _config_file(config_path or "fashion_mnist")]
+        for key, value in values.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        run_workers(workers, hosts, args, worker_timeout)
+        return
 
     from train.run import train as run_training
 

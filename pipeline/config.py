@@ -26,6 +26,9 @@ DEFAULTS: dict = {
     "batch_size": 128,
     "learning_rate": 0.001,  # peak of a cosine decay over the whole run
     "label_smoothing": 0.0,
+    "warmup_epochs": 1.0,  # with N workers the rate grows linearly to N x learning_rate over these epochs
+    "compression": "fp16",  # gradients sent between workers as fp16 (half the bytes) or "none" (float32)
+    "mixed_precision": False,  # float16 compute on GPUs (untested here: no GPU)
     "keep_checkpoints": 3,  # per-epoch checkpoints kept (the best model is kept apart)
     "seed": 42,
 }
@@ -95,6 +98,13 @@ def validate(config: dict) -> dict:
         "must be null or an integer > 1",
     )
     need(isinstance(config["seed"], int), "seed", "must be an integer")
+    need(config["compression"] in ("fp16", "none"), "compression", "must be fp16 or none")
+    need(
+        isinstance(config["warmup_epochs"], (int, float)) and config["warmup_epochs"] >= 0,
+        "warmup_epochs",
+        "must be a number >= 0",
+    )
+    need(isinstance(config["mixed_precision"], bool), "mixed_precision", "must be true or false")
     need(isinstance(config["augment"], bool), "augment", "must be true or false")
     need(
         isinstance(config["name"], str) and config["name"] and "/" not in config["name"],

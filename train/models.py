@@ -27,7 +27,8 @@ def build_model(name: str, input_size: int, channels: int, num_classes: int, wid
         x = _small_cnn(x, width, dropout)
     else:
         x = _mobilenet_v2(x, input_size, channels, width, dropout)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # float32 output even under mixed precision: softmax and the loss need the range.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from serve import PipelineError
 from serve.atomic import atomic_path, write_atomic
+from train import distributed
 from train.data import Dataset, load_dataset
 from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
@@ -64,11 +65,17 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
-    """Train the model `config` describes into its run directory and return that directory."""
+    """Train the model `config` describes into its run directory and return that directory.
+
+    Run by every worker of a Horovod job (or by one process alone): each trains on its own shard of the data,
+    and only rank 0 (the chief) reads and writes the run directory.
+    """
+    distributed.init(config["mixed_precision"])
+    chief = distributed.is_chief()
     run = run_dir(config)
-    start_epoch = _start_epoch(run, resume, exist_ok)
+    start_epoch = _on_chief(lambda: _start_epoch(run, resume, exist_ok))
     data = load_dataset(config)  # before touching the run directory: bad data must not cost an old run
-    if start_epoch == 0:
+    if chief and start_epoch == 0:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
     keras.utils.set_random_seed(config["seed"])
@@ -76,8 +83,9 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
     keras.backend.experimental.enable_tf_random_generator()
 
-    write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
+    if chief:
+        write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
 
     model = build_model(
         config["model"],
@@ -87,31 +95,66 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
         config["width"],
         config["dropout"],
     )
-    steps_per_epoch = math.ceil(len(data.train_y) / config["batch_size"])
+    steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
     _compile(model, config, steps_per_epoch, len(data.class_names))
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=_dropout_rngs(model))
+    rngs = _dropout_rngs(model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
     history: list[dict] = []
-    if start_epoch:
+    if start_epoch and chief:
         checkpoint.read(str(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt")).expect_partial()
         history = [row for row in _read_history(run) if row["epoch"] <= start_epoch]
         print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
+    # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
+    distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
 
-    _print_header(run, config, data, model)
+    if chief:
+        _print_header(run, config, data, model)
     started = time.time()
     if start_epoch < config["epochs"]:
+        callbacks = [distributed.MetricAverage()]  # first: the others log averaged metrics
+        if chief:
+            images_per_epoch = _shard_size(len(data.train_y)) * distributed.size()
+            allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
+            callbacks += [
+                RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes),
+                keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
+            ]
         model.fit(
-            _train_batches(data, config, start_epoch),
+            train_batches(data, config, start_epoch),
             epochs=config["epochs"],
             initial_epoch=start_epoch,
             steps_per_epoch=steps_per_epoch,
             validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), config["batch_size"]),
-            callbacks=[
-                RunWriter(run, checkpoint, history, config["keep_checkpoints"]),
-                keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
-            ],
-            verbose=1 if sys.stdout.isatty() else 2,
+            callbacks=callbacks,
+            verbose=(1 if sys.stdout.isatty() else 2) if chief else 0,
         )
-    return _finish(run, config, data, history, time.time() - started)
+    checksums = distributed.all_checksums(model)
+    if not chief:
+        return run
+    if len(set(checksums)) > 1:
+        raise RunError(
+            f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
+        )
+    return _finish(run, config, data, history, time.time() - started, checksums)
+
+
+def _on_chief(work):
+    """Run `work` on rank 0 and give every worker its result, or the same error."""
+    outcome = None
+    if distributed.is_chief():
+        try:
+            outcome = ("ok", work())
+        except PipelineError as err:
+            outcome = ("error", str(err))
+    status, value = distributed.broadcast_object(outcome)
+    if status == "error":
+        raise RunError(value)
+    return value
+
+
+def _shard_size(count: int) -> int:
+    """Images each worker trains on per epoch: equal shards, so all take the same number of steps."""
+    return count // distributed.size()
 
 
 def _start_epoch(run: Path, resume: bool, exist_ok: bool) -> int:
@@ -131,14 +174,24 @@ def _start_epoch(run: Path, resume: bool, exist_ok: bool) -> int:
 
 
 def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> None:
+    """Adam on a cosine-decayed learning rate. N workers make the batch N times larger, so the rate
+    scales by N too, reached by a linear warm-up over `warmup_epochs` (large rates early diverge)."""
+    workers = distributed.size()
+    peak = config["learning_rate"] * workers
+    total_steps = config["epochs"] * steps_per_epoch
+    warmup_steps = min(int(config["warmup_epochs"] * steps_per_epoch), total_steps - 1) if workers > 1 else 0
     schedule = keras.optimizers.schedules.CosineDecay(
-        config["learning_rate"], decay_steps=config["epochs"] * steps_per_epoch, alpha=0.01
+        config["learning_rate"] if warmup_steps else peak,
+        decay_steps=total_steps - warmup_steps,
+        alpha=0.01,
+        warmup_target=peak if warmup_steps else None,
+        warmup_steps=warmup_steps,
     )
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5"))
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=distributed.distributed_optimizer(keras.optimizers.Adam(schedule), config["compression"]),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
         metrics=metrics,
     )
@@ -159,22 +212,26 @@ def _dropout_rngs(model) -> list:
     return rngs
 
 
-def _train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
-    """Batches for epochs start_epoch.. onwards. Each epoch's order depends only on (seed, epoch), so a
-    resumed run sees exactly the batches an uninterrupted one would have."""
+def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
+    """This worker's batches for epochs start_epoch.. onwards. Each epoch's order depends only on (seed, epoch),
+    so a resumed run sees exactly the batches an uninterrupted one would have; worker r of N takes every
+    N-th image of it from the r-th on, so the workers' batches together are the single-process batch."""
     images = tf.constant(data.train_x)
     labels = tf.one_hot(data.train_y, len(data.class_names))
     count, batch_size, seed = len(data.train_y), config["batch_size"], config["seed"]
     augment = config["augment"]
+    workers, rank = distributed.size(), distributed.rank()
+    usable = _shard_size(count) * workers
 
     def one_epoch(epoch):
         order = tf.argsort(tf.random.stateless_uniform([count], seed=tf.stack([seed, epoch])))
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        shard = order[:usable][rank::workers]
+        batches = tf.data.Dataset.from_tensor_slices(shard).batch(batch_size).enumerate()
 
         def gather(step, indices):
             x = tf.cast(tf.gather(images, indices), tf.float32)
             if augment:
-                x = _augment(x, tf.stack([epoch, step]))
+                x = _augment(x, tf.stack([epoch * workers + rank, step]))
             return x, tf.gather(labels, indices)
 
         return batches.map(gather)
@@ -207,9 +264,18 @@ class RunWriter(keras.callbacks.Callback):
     """After each epoch: best model, metrics, curves, then the checkpoint (last, so that a checkpoint's
     existence implies everything before it was written)."""
 
-    def __init__(self, run: Path, checkpoint: tf.train.Checkpoint, history: list[dict], keep: int) -> None:
+    def __init__(
+        self,
+        run: Path,
+        checkpoint: tf.train.Checkpoint,
+        history: list[dict],
+        keep: int,
+        images_per_epoch: int,
+        allreduce_bytes: int,
+    ) -> None:
         super().__init__()
         self.run, self.checkpoint, self.history, self.keep = run, checkpoint, history, keep
+        self.images_per_epoch, self.allreduce_bytes = images_per_epoch, allreduce_bytes
         self.best = max((row["val_accuracy"] for row in history), default=-1.0)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -218,7 +284,19 @@ class RunWriter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
         row["learning_rate"] = float(self.model.optimizer.learning_rate)  # the rate of the last step
-        row["seconds"] = round(time.time() - self.epoch_started, 2)
+        seconds = time.time() - self.epoch_started
+        workers = distributed.size()
+        row["seconds"] = round(seconds, 2)
+        row["workers"] = workers
+        row["images_per_second"] = round(self.images_per_epoch / seconds, 1)
+        row["images_per_second_per_worker"] = round(self.images_per_epoch / seconds / workers, 1)
+        row["allreduce_bytes_per_step"] = self.allreduce_bytes
+        print(
+            f"epoch {row['epoch']}: {row['images_per_second']:.0f} images/s ({workers} worker(s), "
+            f"{row['images_per_second_per_worker']:.0f} each), allreduce {self.allreduce_bytes / 1024:.0f} KiB "
+            "per step per worker",
+            flush=True,
+        )
         self.history.append(row)
         if row["val_accuracy"] > self.best:
             self.best = row["val_accuracy"]
@@ -270,7 +348,7 @@ def _print_header(run: Path, config: dict, data: Dataset, model) -> None:
     sys.stdout.flush()
 
 
-def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds: float) -> Path:
+def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds: float, checksums: list[str]) -> Path:
     """Evaluate the best model on validation (and test) data, plot its confusion matrix, write summary.json."""
     model = keras.models.load_model(run / "best.keras", compile=False)
     best = max(history, key=lambda row: row["val_accuracy"])
@@ -291,6 +369,9 @@ def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds
         "train_seconds": round(seconds, 1),
         "skipped_images": len(data.skipped),
         "data_fingerprint": data.fingerprint,
+        "workers": distributed.size(),
+        "compression": config["compression"],
+        "rank_weight_checksums": checksums,
         "normalization": dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
         "versions": versions(),
     }

@@ -1,0 +1,113 @@
+"""Data-parallel training with Horovod: real 2-process Gloo jobs on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import PIPELINE, ROOT, SMALL_FMNIST, run_pipeline
+
+HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
+# fp16 keeps 11 significant bits (relative error <= 2**-11 per gradient value); after 8 SGD steps at
+# learning rate 0.1 the weights of the 2-worker fp16 job stay within this of the 1-process float32 job.
+FP16_TOLERANCE = 2e-3
+
+
+def equivalence_weights(tmp_path: Path, workers: int, batch_size: int, compression: str) -> dict[str, np.ndarray]:
+    out = tmp_path / f"w{workers}_{compression}.npz"
+    script = [sys.executable, str(ROOT / "tests" / "hvd_equivalence.py"), str(out), "--batch-size", str(batch_size),
+              "--compression", compression]  # fmt: skip
+    if workers > 1:
+        script = [HOROVODRUN, "-np", str(workers), "-H", f"localhost:{workers}", "--gloo", *script]
+    result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(out) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+@pytest.mark.slow
+def test_two_workers_equal_one_worker_with_twice_the_batch(tmp_path):
+    alone = equivalence_weights(tmp_path, 1, 64, "none")
+    for compression, tolerance in (("none", 1e-5), ("fp16", FP16_TOLERANCE)):
+        pair = equivalence_weights(tmp_path, 2, 32, compression)
+        assert len(set(pair["checksums"])) == 1, "the two ranks ended with different weights"
+        weights = [name for name in alone if name.startswith("arr_")]
+        difference = max(np.abs(alone[name] - pair[name]).max() for name in weights)
+        assert difference <= tolerance, (compression, difference)
+        moved = max(np.abs(alone[name]).max() for name in weights)
+        assert moved > 0
+
+
+@pytest.mark.slow
+def test_pipeline_train_with_two_workers_then_quantize_label_and_resume_alone(tmp_path, fmnist_images):
+    runs = tmp_path / "runs"
+    result = run_pipeline("train", "--workers", "2", "--name", "pair", "--set", f"runs_dir={runs}", *SMALL_FMNIST)
+    assert "[rank 1]" not in result.stdout  # only rank 0 prints progress
+    run = runs / "pair"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["compression"] == "fp16"
+    checksums = summary["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    history = json.loads((run / "metrics.json").read_text())
+    parameters = 218_778 - 2 * (16 + 16 + 32 + 32)  # trainable: all but BatchNorm's moving statistics
+    assert all(row["workers"] == 2 and row["images_per_second"] > 0 for row in history)
+    assert history[0]["allreduce_bytes_per_step"] == 2 * parameters
+    assert "fp16" in (run / "config.yaml").read_text()
+
+    run_pipeline("quantize", str(run), "--calibration-images", "100")
+    label = run_pipeline("label", str(fmnist_images[0]), "-m", str(run / "export" / "pair_int8.tflite"), "-k", "1")
+    assert label.stdout.count("\n") == 1
+
+    # The worker count may change between runs: resume the 2-worker run alone for one more epoch.
+    run_pipeline("train", "--name", "pair", "--resume", "--epochs", "3", "--set", f"runs_dir={runs}")
+    history = json.loads((run / "metrics.json").read_text())
+    assert [(row["epoch"], row["workers"]) for row in history] == [(1, 2), (2, 2), (3, 1)]
+
+
+def worker_pid(rank: int, timeout: float) -> int | None:
+    """The pid of the Horovod worker with this rank, found by its environment."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"HOROVOD_RANK={rank}".encode() in environ and b"pipeline" in cmdline and b"train" in cmdline:
+                return int(pid)
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_job_and_is_named(tmp_path):
+    command = [*PIPELINE, "train", "--workers", "2", "--name", "doomed", "--epochs", "50", "--worker-timeout", "30",
+               "--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=300"]  # fmt: skip
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until training is under way (the first checkpoint), then kill rank 1.
+        first = tmp_path / "doomed" / "checkpoints" / "epoch_001"
+        deadline = time.time() + 240
+        while not first.exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        pid = worker_pid(1, timeout=10)
+        assert pid is not None and job.poll() is None, "the job did not get under way"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert time.time() - killed < 60
+    assert job.returncode == 1
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "Error: worker rank 1 died (exit code 137, killed by SIGKILL); " \
+        "Horovod stopped the job"  # fmt: skip
