@@ -10,9 +10,9 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_KERAS := $(HOME)/.keras/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup data demo test bench lint clean
+.PHONY: setup data jdk demo test bench lint clean
 
-setup: $(STAMP) $(HOROVOD) data
+setup: $(STAMP) $(HOROVOD) data jdk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ data:
 	    echo "Fashion-MNIST not found: put its four idx .gz files in $(dir $(FMNIST_KERAS))" >&2; exit 1; \
 	  fi; \
 	fi
+
+# The Android demo's tests compile and run its Java core (tests/test_android.py): a JDK when javac is missing.
+# (android_demo/build_offline.sh installs aapt, apksigner, zipalign and dexdump itself.)
+jdk:
+	@command -v javac >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jdk-headless; }
 
 demo: setup
 	$(BIN)/pipeline train --config fashion_mnist --name demo --exist-ok

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 import train  # noqa: F401
+import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
 import tf_keras as keras
 from train.data import cap_per_class, find_fashion_mnist, read_fashion_mnist
@@ -36,10 +37,9 @@ keras.utils.set_random_seed(0)
 model = build_model("small_cnn", 28, 1, 10, 1.0, 0.3)
 optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(0.001 * hvd.size()), compression=hvd.Compression.fp16)
 model.compile(optimizer, keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
-hvd.broadcast_variables(model.variables, root_rank=0)
+hvd_tf.broadcast_variables(model.variables, root_rank=0)
 started = time.time()
-model.fit(x[shard], y[shard], batch_size=args.batch_size, epochs=args.epochs, validation_data=(val_x, val_y),
-          verbose=0)  # fmt: skip
+model.fit(x[shard], y[shard], batch_size=args.batch_size, epochs=args.epochs, validation_data=(val_x, val_y), verbose=0)
 seconds = time.time() - started
 if hvd.rank() == 0:
     json.dump({"fit_seconds": seconds, "images": len(x) // hvd.size() * hvd.size() * args.epochs}, open(args.out, "w"))

@@ -59,8 +59,11 @@ def main() -> None:
 
     image = next((run / "samples").glob("*.png"), None)
     if image is None:
-        subprocess.run([sys.executable, "-m", "pipeline", "samples", "--count", "1", "--out", str(run / "samples")],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "samples", "--count", "1", "--out", str(run / "samples")],
+            check=True,
+            capture_output=True,
+        )
         image = next((run / "samples").glob("*.png"))
 
     # Latency: both bundles over the same images, interleaved in rounds so machine noise hits both.
@@ -78,8 +81,13 @@ def main() -> None:
 
     # Cold start: a fresh process each time, alternating the two commands.
     pipeline = [str(Path(sys.executable).parent / "pipeline"), "label", str(image), "-m", int8["bundle"]]
-    bare = [sys.executable, str(ROOT / "benchmarks" / "bare_label.py"), str(image), int8["bundle"],
-            str(run / "export" / "labels.txt")]  # fmt: skip
+    bare = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bare_label.py"),
+        str(image),
+        int8["bundle"],
+        str(run / "export" / "labels.txt"),
+    ]
     wall_time(pipeline), wall_time(bare)  # warm the page cache
     cold = {"pipeline label": [], "bare ai-edge-litert script": []}
     for _ in range(args.repeats):
@@ -96,8 +104,12 @@ def main() -> None:
         ("Fashion-MNIST test top-1, int8", f"{100 * int8['top1']:.2f}%", "", None),
         ("int8 drop against float32", f"{drop:.2f} points", "<= 0.5 points", drop <= 0.5),
         ("int8 / float32 top-1 agreement", f"{100 * int8['agreement']:.2f}%", "", None),
-        ("bundle size float32 / int8", f"{float32['size_bytes'] / 1024:.1f} / {int8['size_bytes'] / 1024:.1f} KiB",
-         "", None),
+        (
+            "bundle size float32 / int8",
+            f"{float32['size_bytes'] / 1024:.1f} / {int8['size_bytes'] / 1024:.1f} KiB",
+            "",
+            None,
+        ),
         ("int8 size / float32 size", f"{100 * size_ratio:.1f}%", "<= 30%", size_ratio <= 0.30),
         *[(f"latency {name} (median ms/image)", f"{median[name]:.4f}", "", None) for name in models],
         ("int8 / float32 latency, 1 thread", f"{latency_ratio:.2f}x", "< 1", latency_ratio < 1),
@@ -105,7 +117,7 @@ def main() -> None:
         ("pipeline label / bare script cold start", f"{cold_ratio:.2f}x", "<= 1.2x", cold_ratio <= 1.2),
         ("training time (15 epochs)", f"{summary['train_seconds'] / 60:.1f} min", "", None),
         ("quantize time (float32 + int8)", f"{float32['convert_seconds'] + int8['convert_seconds']:.0f} s", "", None),
-    ]  # fmt: skip
+    ]
     machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
     lines = [
         f"Benchmark of {run.name} on {machine}, {time.strftime('%Y-%m-%d')} "
@@ -114,9 +126,11 @@ def main() -> None:
         "",
         "| measure | value | target | met |",
         "| --- | --- | --- | --- |",
-        *[f"| {name} | {value} | {target} | {'' if ok is None else ('yes' if ok else 'NO')} |"
-          for name, value, target, ok in rows],
-    ]  # fmt: skip
+        *[
+            f"| {name} | {value} | {target} | {'' if ok is None else ('yes' if ok else 'NO')} |"
+            for name, value, target, ok in rows
+        ],
+    ]
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,22 @@ HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 
 
 def pipeline_run(runs: Path, name: str, workers: int, batch_size: int, compression: str, args) -> dict:
-    command = [*PIPELINE, "train", "--name", name, "--epochs", str(args.epochs), "--batch-size", str(batch_size),
-               "--compression", compression, "--set", f"runs_dir={runs}",
-               "--set", f"max_images_per_class={args.per_class}"]  # fmt: skip
+    command = [
+        *PIPELINE,
+        "train",
+        "--name",
+        name,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(batch_size),
+        "--compression",
+        compression,
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        f"max_images_per_class={args.per_class}",
+    ]
     if workers > 1:
         command += ["--workers", str(workers)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
@@ -42,9 +55,23 @@ def pipeline_run(runs: Path, name: str, workers: int, batch_size: int, compressi
 
 
 def bare_run(out: Path, batch_size: int, args) -> float:
-    command = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
-               str(ROOT / "benchmarks" / "bare_horovod.py"), str(out), "--batch-size", str(batch_size),
-               "--epochs", str(args.epochs), "--per-class", str(args.per_class)]  # fmt: skip
+    command = [
+        HOROVODRUN,
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "--gloo",
+        sys.executable,
+        str(ROOT / "benchmarks" / "bare_horovod.py"),
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--per-class",
+        str(args.per_class),
+    ]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return json.loads(out.read_text())["fit_seconds"]
 
@@ -70,13 +97,19 @@ def main() -> None:
     overhead = statistics.median(pipeline_seconds) / statistics.median(bare_seconds) - 1
     rows = [
         (f"1 process, batch {2 * B}", f"{alone['images_per_second']:.0f}", "-", "1.00x"),
-        (f"2 workers x batch {B}, no compression", f"{pair_none['images_per_second']:.0f}",
-         f"{pair_none['allreduce_bytes_per_step'] / 1024:.0f} KiB",
-         f"{pair_none['images_per_second'] / alone['images_per_second']:.2f}x"),
-        (f"2 workers x batch {B}, fp16", f"{pair_fp16['images_per_second']:.0f}",
-         f"{pair_fp16['allreduce_bytes_per_step'] / 1024:.0f} KiB",
-         f"{pair_fp16['images_per_second'] / alone['images_per_second']:.2f}x"),
-    ]  # fmt: skip
+        (
+            f"2 workers x batch {B}, no compression",
+            f"{pair_none['images_per_second']:.0f}",
+            f"{pair_none['allreduce_bytes_per_step'] / 1024:.0f} KiB",
+            f"{pair_none['images_per_second'] / alone['images_per_second']:.2f}x",
+        ),
+        (
+            f"2 workers x batch {B}, fp16",
+            f"{pair_fp16['images_per_second']:.0f}",
+            f"{pair_fp16['allreduce_bytes_per_step'] / 1024:.0f} KiB",
+            f"{pair_fp16['images_per_second'] / alone['images_per_second']:.2f}x",
+        ),
+    ]
     lines = [
         f"Horovod on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: small_cnn, Fashion-MNIST "
         f"{args.per_class} images/class, global batch {2 * B}, {args.epochs} epochs; images/s = median over "

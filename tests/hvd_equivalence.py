@@ -32,16 +32,20 @@ data = Dataset([str(i) for i in range(10)], images, labels, images[:0], labels[:
 config = {"batch_size": args.batch_size, "seed": 3, "augment": False, "epochs": 1}
 
 keras.utils.set_random_seed(0)
-model = keras.Sequential([
-    keras.Input((28, 28, 1)),
-    keras.layers.Rescaling(1 / 255),
-    keras.layers.Conv2D(8, 3, activation="relu"),
-    keras.layers.MaxPooling2D(),
-    keras.layers.Flatten(),
-    keras.layers.Dense(10, activation="softmax"),
-])  # fmt: skip
-model.compile(distributed.distributed_optimizer(keras.optimizers.SGD(0.1), args.compression),
-              keras.losses.CategoricalCrossentropy())  # fmt: skip
+model = keras.Sequential(
+    [
+        keras.Input((28, 28, 1)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax"),
+    ]
+)
+model.compile(
+    distributed.distributed_optimizer(keras.optimizers.SGD(0.1), args.compression),
+    keras.losses.CategoricalCrossentropy(),
+)
 distributed.broadcast_from_chief(model.variables)
 model.fit(train_batches(data, config, 0), steps_per_epoch=args.steps, epochs=1, verbose=0)
 if distributed.is_chief():

@@ -23,8 +23,15 @@ FP16_TOLERANCE = 2e-3
 
 def equivalence_weights(tmp_path: Path, workers: int, batch_size: int, compression: str) -> dict[str, np.ndarray]:
     out = tmp_path / f"w{workers}_{compression}.npz"
-    script = [sys.executable, str(ROOT / "tests" / "hvd_equivalence.py"), str(out), "--batch-size", str(batch_size),
-              "--compression", compression]  # fmt: skip
+    script = [
+        sys.executable,
+        str(ROOT / "tests" / "hvd_equivalence.py"),
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--compression",
+        compression,
+    ]
     if workers > 1:
         script = [HOROVODRUN, "-np", str(workers), "-H", f"localhost:{workers}", "--gloo", *script]
     result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -90,8 +97,22 @@ def worker_pid(rank: int, timeout: float) -> int | None:
 
 @pytest.mark.slow
 def test_a_dead_worker_stops_the_job_and_is_named(tmp_path):
-    command = [*PIPELINE, "train", "--workers", "2", "--name", "doomed", "--epochs", "50", "--worker-timeout", "30",
-               "--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=300"]  # fmt: skip
+    command = [
+        *PIPELINE,
+        "train",
+        "--workers",
+        "2",
+        "--name",
+        "doomed",
+        "--epochs",
+        "50",
+        "--worker-timeout",
+        "30",
+        "--set",
+        f"runs_dir={tmp_path}",
+        "--set",
+        "max_images_per_class=300",
+    ]
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Wait until training is under way (the first checkpoint), then kill rank 1.
@@ -109,5 +130,7 @@ def test_a_dead_worker_stops_the_job_and_is_named(tmp_path):
     assert time.time() - killed < 60
     assert job.returncode == 1
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "Error: worker rank 1 died (exit code 137, killed by SIGKILL); " \
-        "Horovod stopped the job"  # fmt: skip
+    assert (
+        stderr.strip().splitlines()[-1] == "Error: worker rank 1 died (exit code 137, killed by SIGKILL); "
+        "Horovod stopped the job"
+    )

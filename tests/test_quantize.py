@@ -46,11 +46,27 @@ def test_image_folder_round_trip_with_qat(tmp_path):
     """train -> quantize (QAT) -> label on a generated image folder, MobileNetV2 with augmentation."""
     root = make_image_folder(tmp_path / "shapes", per_class=30)
     runs = tmp_path / "runs"
-    run_pipeline("train", "--config", "image_folder", "--data", str(root), "--name", "shapes", "--epochs", "2",
-                 "--set", f"runs_dir={runs}", "--set", "input_size=32", "--set", "batch_size=16")  # fmt: skip
+    run_pipeline(
+        "train",
+        "--config",
+        "image_folder",
+        "--data",
+        str(root),
+        "--name",
+        "shapes",
+        "--epochs",
+        "2",
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        "input_size=32",
+        "--set",
+        "batch_size=16",
+    )
     run = runs / "shapes"
-    result = run_pipeline("quantize", str(run), "-q", "qat", "--qat-epochs", "1", "--calibration-images", "20",
-                          "--budget", "100")  # fmt: skip
+    result = run_pipeline(
+        "quantize", str(run), "-q", "qat", "--qat-epochs", "1", "--calibration-images", "20", "--budget", "100"
+    )
     assert "qat" in result.stdout
     bundle = run / "export" / "shapes_qat.tflite"
     metadata = read_bundle_metadata(bundle, read_model_file(bundle))
@@ -67,9 +83,27 @@ def test_image_folder_round_trip_with_qat(tmp_path):
 def test_small_cnn_learns_an_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "shapes", per_class=40)
     runs = tmp_path / "runs"
-    run_pipeline("train", "--data", str(root), "--name", "cnn", "--epochs", "8", "--set", f"runs_dir={runs}",
-                 "--set", "input_size=32", "--set", "channels=3", "--set", "batch_size=16",
-                 "--set", "augment=true", "--set", "learning_rate=0.003")  # fmt: skip
+    run_pipeline(
+        "train",
+        "--data",
+        str(root),
+        "--name",
+        "cnn",
+        "--epochs",
+        "8",
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        "input_size=32",
+        "--set",
+        "channels=3",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "augment=true",
+        "--set",
+        "learning_rate=0.003",
+    )
     summary = json.loads((runs / "cnn" / "summary.json").read_text())
     assert summary["val_accuracy"] >= 0.8  # three easy classes: chance is 0.33
     run_pipeline("quantize", str(runs / "cnn"), "--calibration-images", "50", "--budget", "100")

@@ -96,8 +96,19 @@ def test_label_prints_label_image_lines(bundles, fmnist_images):
 
 
 def test_label_flags_json_top_k_and_several_images(bundles, fmnist_images):
-    result = run_pipeline("label", "-i", str(fmnist_images[0]), str(fmnist_images[1]), "--top_k", "2",
-                          "--model_file", str(bundles["float16"]), "--num_threads", "1", "--json")  # fmt: skip
+    result = run_pipeline(
+        "label",
+        "-i",
+        str(fmnist_images[0]),
+        str(fmnist_images[1]),
+        "--top_k",
+        "2",
+        "--model_file",
+        str(bundles["float16"]),
+        "--num_threads",
+        "1",
+        "--json",
+    )
     report = json.loads(result.stdout)
     assert [r["image"] for r in report["results"]] == [str(fmnist_images[1]), str(fmnist_images[0])]
     assert all(len(r["predictions"]) == 2 for r in report["results"])
@@ -133,9 +144,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 @pytest.mark.parametrize(
-    "name", ["missing.jpg", "a_directory.jpg", "empty.jpg", "text.jpg", "truncated.jpg", "bad_crc.png",
-             "bomb.png", "drawing.svg"],
-)  # fmt: skip
+    "name",
+    [
+        "missing.jpg",
+        "a_directory.jpg",
+        "empty.jpg",
+        "text.jpg",
+        "truncated.jpg",
+        "bad_crc.png",
+        "bomb.png",
+        "drawing.svg",
+    ],
+)
 def test_label_bad_images_fail_cleanly(bundles, image_zoo, name):
     path = image_zoo[1][name]
     assert_one_line_error(run_pipeline("label", str(path), "-m", str(bundles["int8"]), check=False), str(path))
@@ -162,8 +182,9 @@ def test_bad_model_and_label_files_fail_cleanly(tmp_path, bundles, fmnist_images
 
     truncated = tmp_path / "cut.tflite"
     truncated.write_bytes(bundles["int8"].read_bytes()[:2000])
-    assert_one_line_error(run_pipeline("label", str(fmnist_images[0]), "-m", str(truncated), check=False),
-                          str(truncated))  # fmt: skip
+    assert_one_line_error(
+        run_pipeline("label", str(fmnist_images[0]), "-m", str(truncated), check=False), str(truncated)
+    )
 
 
 def test_serving_imports_no_tensorflow(bundles, fmnist_images):

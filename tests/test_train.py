@@ -108,8 +108,18 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_run_directory_contract(fmnist_run):
     names = {p.name for p in fmnist_run.iterdir()}
-    assert {"config.yaml", "data.json", "checkpoints", "best.keras", "metrics.csv", "metrics.json", "curves.png",
-            "confusion_matrix.png", "tensorboard", "summary.json"} <= names  # fmt: skip
+    assert {
+        "config.yaml",
+        "data.json",
+        "checkpoints",
+        "best.keras",
+        "metrics.csv",
+        "metrics.json",
+        "curves.png",
+        "confusion_matrix.png",
+        "tensorboard",
+        "summary.json",
+    } <= names
     history = json.loads((fmnist_run / "metrics.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert (fmnist_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,accuracy")
@@ -129,12 +139,25 @@ def test_existing_run_is_not_overwritten(fmnist_run):
 
 @pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
-    common = ["--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=400", "--epochs", "3",
-              "--batch-size", "32"]  # fmt: skip
+    common = [
+        "--set",
+        f"runs_dir={tmp_path}",
+        "--set",
+        "max_images_per_class=400",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+    ]
     run_pipeline("train", "--name", "straight", *common)
 
-    worker = subprocess.Popen([*PIPELINE, "train", "--name", "killed", *common], cwd=ROOT, env=os.environ,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    worker = subprocess.Popen(
+        [*PIPELINE, "train", "--name", "killed", *common],
+        cwd=ROOT,
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = tmp_path / "killed" / "checkpoints" / "epoch_001"
     deadline = time.time() + 300
     while not first.exists() and worker.poll() is None and time.time() < deadline:

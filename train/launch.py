@@ -19,8 +19,18 @@ def horovodrun_command(workers: int, hosts: str | None, pipeline_args: list[str]
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     if not os.path.exists(horovodrun):
         raise PipelineError(f"{horovodrun}: not found; run `make setup`, which builds horovod")
-    return [horovodrun, "-np", str(workers), "-H", hosts or f"localhost:{workers}", "--gloo",
-            sys.executable, "-m", "pipeline", *pipeline_args]  # fmt: skip
+    return [
+        horovodrun,
+        "-np",
+        str(workers),
+        "-H",
+        hosts or f"localhost:{workers}",
+        "--gloo",
+        sys.executable,
+        "-m",
+        "pipeline",
+        *pipeline_args,
+    ]
 
 
 def run_workers(workers: int, hosts: str | None, pipeline_args: list[str], timeout: int) -> None:
@@ -31,12 +41,15 @@ def run_workers(workers: int, hosts: str | None, pipeline_args: list[str], timeo
     """
     if "HOROVOD_RANK" in os.environ:
         raise PipelineError("--workers inside a Horovod job: drop --workers when launching with horovodrun")
-    env = dict(os.environ, HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
-               HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout), HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout),
-               PYTHONUNBUFFERED="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
+        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
+        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout),
+        PYTHONUNBUFFERED="1",
+    )
     command = horovodrun_command(workers, hosts, pipeline_args)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1)  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     launcher_lines, worker_errors = [], {}
     for line in process.stdout:
         line = line.rstrip("\n")

@@ -1,0 +1,77 @@
+"""The pretrained ImageNet classifier: weights read without pickle code, the rebuilt network, label_image's answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve import Classifier, PipelineError, to_pixels
+from tests.conftest import run_pipeline
+from train.torch_weights import LEGACY_MAGIC, read_state_dict
+
+DATA = Path(__file__).parent / "data"
+GRACE_HOPPER = DATA / "grace_hopper.jpg"  # public domain; TensorFlow's label_image photo
+
+
+def test_imagenet_labels_match_tensorflows_indices():
+    from train.pretrained import imagenet_labels
+
+    labels = imagenet_labels()
+    assert len(labels) == 1001
+    assert labels[0] == "background" and labels[653] == "military uniform" and labels[286] == "Egyptian cat"
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        for obj in (LEGACY_MAGIC, 1001, {"little_endian": True}):
+            pickle.dump(obj, f, protocol=2)
+        pickle.dump({"weight": Exploit()}, f, protocol=2)
+        pickle.dump([], f, protocol=2)
+    with pytest.raises(PipelineError, match="refusing to load posix.system"):
+        read_state_dict(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_rebuilt_network_matches_the_reference_scores():
+    """Scores of the Keras rebuild against PyTorch's own on fixed photos (tests/data/reference_scores.json,
+    made once with torch 2.13 and efficientnet-lite-pytorch 0.1.0 from the same state dict)."""
+    import train  # noqa: F401
+    from train.pretrained import efficientnet_lite0
+
+    reference = json.loads((DATA / "reference_scores.json").read_text())
+    model = efficientnet_lite0()
+    for name, expected in reference["photos"].items():
+        pixels = to_pixels(DATA / name, 224, 224, 3)[None].astype(np.float32)
+        scores = model.predict(pixels, verbose=0)[0]
+        top = [int(i) for i in np.argsort(-scores)[:5]]
+        assert top == expected["top5"], name
+        np.testing.assert_allclose(scores[top], expected["scores"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path):
+    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=tmp_path)
+    assert "int8" in result.stdout and "float16" in result.stdout
+    export = tmp_path / "runs" / "lite0" / "export"
+    for mode in ("float32", "int8", "float16"):
+        label = run_pipeline("label", str(GRACE_HOPPER), "-m", str(export / f"lite0_{mode}.tflite"), cwd=tmp_path)
+        first = label.stdout.splitlines()[0]
+        assert first.startswith("military uniform (653): "), (mode, label.stdout)
+    report = json.loads((tmp_path / "runs" / "lite0" / "quantize_report.json").read_text())
+    int8 = report["bundles"]["int8"]
+    assert int8["agreement"] >= 0.8 and int8["top5_overlap"] >= 0.6
+    assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
+    classifier = Classifier(export / "lite0_int8.tflite")
+    assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
+    assert (classifier.height, classifier.width, classifier.channels) == (224, 224, 3)
