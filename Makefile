@@ -65,6 +65,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/horovod_bench.py
+	$(BIN)/pipeline pretrained efficientnet-lite0
+	$(BIN)/python benchmarks/pretrained_bench.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

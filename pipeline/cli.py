@@ -69,7 +69,10 @@ def _config_file(value: str) -> str:
     "(fashion_mnist, image_folder). Default: configs/fashion_mnist.yaml.",
 )
 @click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
-@click.option("--model", type=click.Choice(["small_cnn", "mobilenet_v2"]), help="Model architecture.")
+@click.option(
+    "--model", type=click.Choice(["small_cnn", "mobilenet_v2", "efficientnet_lite0"]), help="Model architecture."
+)
+@click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0: start from ImageNet weights.")
 @click.option("--epochs", type=int, help="Number of epochs.")
 @click.option("--batch-size", type=int, help="Images per step.")
 @click.option("--name", help="Run name: the run directory is runs/<name>.")
@@ -99,6 +102,7 @@ def train(
     config_path,
     data,
     model,
+    pretrained,
     epochs,
     batch_size,
     name,
@@ -128,6 +132,7 @@ def train(
         ("batch_size", batch_size),
         ("name", name),
         ("compression", compression),
+        ("pretrained", pretrained),
     ):
         if value is not None:
             values[key] = value
@@ -360,5 +365,5 @@ def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     if own:
         calibration = np.concatenate([calibration, np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in own])])
     whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
-    data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photos", None, None)
+    data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photo", None, None)
     export_bundles(run, data, list(modes), float("inf"), 0, num_threads)

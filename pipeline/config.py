@@ -18,7 +18,9 @@ DEFAULTS: dict = {
     "val_fraction": 0.1,
     "input_size": 28,  # height = width of the model input
     "channels": 1,  # 1 (grey) or 3 (RGB)
-    "model": "small_cnn",  # small_cnn | mobilenet_v2
+    "model": "small_cnn",  # small_cnn | mobilenet_v2 | efficientnet_lite0
+    "pretrained": False,  # efficientnet_lite0: start from ImageNet weights, backbone frozen, new head
+    "fine_tune_blocks": 0,  # with pretrained: also train the top N of the 16 MBConv blocks
     "width": 1.0,  # width multiplier (filters scale)
     "dropout": 0.3,
     "augment": False,  # random flips, shifts and brightness on training images
@@ -81,7 +83,25 @@ def validate(config: dict) -> dict:
     for key in positive_ints:
         need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
     need(config["channels"] in (1, 3), "channels", "must be 1 or 3")
-    need(config["model"] in ("small_cnn", "mobilenet_v2"), "model", "must be small_cnn or mobilenet_v2")
+    need(
+        config["model"] in ("small_cnn", "mobilenet_v2", "efficientnet_lite0"),
+        "model",
+        "must be small_cnn, mobilenet_v2 or efficientnet_lite0",
+    )
+    need(isinstance(config["pretrained"], bool), "pretrained", "must be true or false")
+    need(
+        not config["pretrained"] or config["model"] == "efficientnet_lite0",
+        "pretrained",
+        "only efficientnet_lite0 has pretrained weights",
+    )
+    need(
+        isinstance(config["fine_tune_blocks"], int) and 0 <= config["fine_tune_blocks"] <= 16,
+        "fine_tune_blocks",
+        "must be an integer from 0 to 16",
+    )
+    if config["model"] == "efficientnet_lite0":
+        need(config["channels"] == 3, "channels", "efficientnet_lite0 takes RGB (channels 3)")
+        need(config["input_size"] >= 32, "input_size", "efficientnet_lite0 needs at least 32")
     need(
         isinstance(config["val_fraction"], float) and 0 < config["val_fraction"] < 1,
         "val_fraction",

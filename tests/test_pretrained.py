@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serve import Classifier, PipelineError, to_pixels
-from tests.conftest import run_pipeline
+from tests.conftest import make_image_folder, run_pipeline
 from train.torch_weights import LEGACY_MAGIC, read_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -75,3 +75,40 @@ def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path):
     classifier = Classifier(export / "lite0_int8.tflite")
     assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
     assert (classifier.height, classifier.width, classifier.channels) == (224, 224, 3)
+
+
+@pytest.mark.slow
+def test_transfer_learning_beats_training_from_scratch(tmp_path):
+    """Same folder, same epochs: ImageNet features under a new head against the small CNN from scratch."""
+    root = make_image_folder(tmp_path / "shapes", per_class=16)
+    runs = tmp_path / "runs"
+    common = [
+        "--data",
+        str(root),
+        "--epochs",
+        "3",
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        "input_size=64",
+        "--set",
+        "channels=3",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "val_fraction=0.25",
+        "--set",
+        "augment=false",
+    ]
+    run_pipeline("train", "--name", "scratch", "--model", "small_cnn", *common)
+    run_pipeline("train", "--config", "transfer", "--name", "transfer", *common)
+    scratch = json.loads((runs / "scratch" / "summary.json").read_text())["val_accuracy"]
+    transfer = json.loads((runs / "transfer" / "summary.json").read_text())["val_accuracy"]
+    assert transfer > scratch, (transfer, scratch)
+    assert transfer >= 0.8
+
+    # It goes through the same quantize and label commands.
+    run_pipeline("quantize", str(runs / "transfer"), "--calibration-images", "24", "--budget", "100")
+    bundle = runs / "transfer" / "export" / "transfer_int8.tflite"
+    label = run_pipeline("label", str(next((root / "green_discs").glob("*.png"))), "-m", str(bundle), "-k", "1")
+    assert label.stdout.split(" (")[0] in ("blue_stripes", "green_discs", "red_squares")

@@ -12,24 +12,49 @@ import tf_keras as keras
 NORMALIZATION = {
     "small_cnn": (0.0, 255.0),
     "mobilenet_v2": (127.5, 127.5),
+    "efficientnet_lite0": (127.0, 128.0),
 }
 # tf_keras' MobileNetV2 uses BatchNorm momentum 0.999; after a short run its moving statistics are still
 # far from the data and evaluation sits near chance. 0.9 follows the data within a few hundred steps.
 BATCHNORM_MOMENTUM = 0.9
 
 
-def build_model(name: str, input_size: int, channels: int, num_classes: int, width: float, dropout: float):
-    """A compiled-ready tf_keras model ending in softmax over `num_classes`."""
+def build_model(
+    name: str,
+    input_size: int,
+    channels: int,
+    num_classes: int,
+    width: float,
+    dropout: float,
+    pretrained: bool = False,
+    fine_tune_blocks: int = 0,
+):
+    """A compiled-ready tf_keras model ending in softmax over `num_classes`.
+
+    `pretrained` (efficientnet_lite0 only): ImageNet weights in a frozen backbone under a new head, the
+    transfer learning of MediaPipe Model Maker; `fine_tune_blocks` lets the top MBConv blocks (and the 1x1
+    head) train too.
+    """
     inputs = keras.Input((input_size, input_size, channels), name="pixels")
     mean, std = NORMALIZATION[name]
     x = keras.layers.Rescaling(1.0 / std, offset=-mean / std, name="normalize")(inputs)
     if name == "small_cnn":
         x = _small_cnn(x, width, dropout)
-    else:
+    elif name == "mobilenet_v2":
         x = _mobilenet_v2(x, input_size, channels, width, dropout)
+    else:
+        from train.pretrained import backbone
+
+        x = keras.layers.Dropout(dropout)(backbone(x))
     # float32 output even under mixed precision: softmax and the loss need the range.
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name=name)
+    model = keras.Model(inputs, outputs, name=name)
+    if pretrained:
+        from train.pretrained import freeze_backbone, load_imagenet_weights
+
+        load_imagenet_weights(model, classifier=False)
+        freeze_backbone(model, fine_tune_blocks)
+    return model
 
 
 def _conv_bn_relu(x, filters: int):

@@ -118,6 +118,20 @@ def load_imagenet_weights(model: keras.Model, classifier: bool = True) -> None:
         model.get_layer("probabilities").set_weights([kernel, bias])
 
 
+def freeze_backbone(model: keras.Model, fine_tune_blocks: int) -> None:
+    """Freeze the stem and all but the top `fine_tune_blocks` MBConv blocks (the 1x1 head trains with them).
+    Frozen BatchNorm layers also keep their ImageNet statistics: tf_keras runs them in inference mode."""
+    first_trained = len([b for stage in STAGES for b in range(stage[0])]) - fine_tune_blocks
+    for layer in model.layers:
+        name = layer.name
+        if name.startswith("stem"):
+            layer.trainable = False
+        elif name.startswith("block"):
+            layer.trainable = int(name[len("block") :].split("_")[0]) >= first_trained
+        elif name.startswith("head"):
+            layer.trainable = fine_tune_blocks > 0
+
+
 def sample_photos() -> list[Path]:
     """Public-domain photos that ship inside the scikit-image and matplotlib wheels."""
     import matplotlib

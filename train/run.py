@@ -94,6 +94,8 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
         len(data.class_names),
         config["width"],
         config["dropout"],
+        config["pretrained"],
+        config["fine_tune_blocks"],
     )
     steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
     _compile(model, config, steps_per_epoch, len(data.class_names))
