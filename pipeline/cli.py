@@ -70,7 +70,9 @@ def _config_file(value: str) -> str:
 )
 @click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
 @click.option(
-    "--model", type=click.Choice(["small_cnn", "mobilenet_v2", "efficientnet_lite0"]), help="Model architecture."
+    "--model",
+    type=click.Choice(["small_cnn", "mobilenet_v2", "efficientnet_lite0", "efficientnet-lite0"]),
+    help="Model architecture.",
 )
 @click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0: start from ImageNet weights.")
 @click.option("--epochs", type=int, help="Number of epochs.")

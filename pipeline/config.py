@@ -79,6 +79,8 @@ def validate(config: dict) -> dict:
         if not ok:
             raise ConfigError(f"{key}={config[key]!r}: {what}")
 
+    if isinstance(config["model"], str):
+        config["model"] = config["model"].replace("-", "_")  # efficientnet-lite0, as the model is usually spelt
     positive_ints = ["input_size", "epochs", "batch_size", "keep_checkpoints"]
     for key in positive_ints:
         need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")

@@ -107,6 +107,24 @@ def test_transfer_learning_beats_training_from_scratch(tmp_path):
     assert transfer > scratch, (transfer, scratch)
     assert transfer >= 0.8
 
+    # Fine-tune the top blocks too, by continuing the run at a lower rate.
+    run_pipeline(
+        "train",
+        "--name",
+        "transfer",
+        "--resume",
+        "--epochs",
+        "4",
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        "fine_tune_blocks=2",
+        "--set",
+        "learning_rate=0.0005",
+    )
+    history = json.loads((runs / "transfer" / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+
     # It goes through the same quantize and label commands.
     run_pipeline("quantize", str(runs / "transfer"), "--calibration-images", "24", "--budget", "100")
     bundle = runs / "transfer" / "export" / "transfer_int8.tflite"

@@ -74,6 +74,7 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     chief = distributed.is_chief()
     run = run_dir(config)
     start_epoch = _on_chief(lambda: _start_epoch(run, resume, exist_ok))
+    previous = yaml.safe_load((run / "config.yaml").read_text()) if start_epoch and chief else None
     data = load_dataset(config)  # before touching the run directory: bad data must not cost an old run
     if chief and start_epoch == 0:
         shutil.rmtree(run, ignore_errors=True)
@@ -83,31 +84,21 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
     keras.backend.experimental.enable_tf_random_generator()
 
-    if chief:
-        write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
-
-    model = build_model(
-        config["model"],
-        config["input_size"],
-        config["channels"],
-        len(data.class_names),
-        config["width"],
-        config["dropout"],
-        config["pretrained"],
-        config["fine_tune_blocks"],
-    )
+    model = _build(config, len(data.class_names))
     steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
     _compile(model, config, steps_per_epoch, len(data.class_names))
     rngs = _dropout_rngs(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
     history: list[dict] = []
     if start_epoch and chief:
-        checkpoint.read(str(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt")).expect_partial()
+        _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
         history = [row for row in _read_history(run) if row["epoch"] <= start_epoch]
         print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
     # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
     distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
+    if chief:  # only now: a resume that fails must leave the run's config as it was
+        write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
 
     if chief:
         _print_header(run, config, data, model)
@@ -138,6 +129,36 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
         )
     return _finish(run, config, data, history, time.time() - started, checksums)
+
+
+def _build(config: dict, num_classes: int):
+    return build_model(
+        config["model"],
+        config["input_size"],
+        config["channels"],
+        num_classes,
+        config["width"],
+        config["dropout"],
+        config["pretrained"],
+        config["fine_tune_blocks"],
+    )
+
+
+def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config: dict) -> None:
+    """Model, optimizer and dropout streams from a checkpoint. When other weights train now than then
+    (fine-tuning after the head), the optimizer's saved state fits them no longer: the weights and dropout
+    streams are read into an uncompiled twin of the model, which has no optimizer to restore, and copied."""
+    if previous.get("fine_tune_blocks", 0) == config["fine_tune_blocks"]:
+        checkpoint.read(str(path)).expect_partial()
+        return
+    print("fine_tune_blocks changed: weights restored, the optimizer starts afresh", file=sys.stderr)
+    model = checkpoint.model
+    twin = _build(config, model.output_shape[-1])
+    twin_rngs = _dropout_rngs(twin)
+    tf.train.Checkpoint(model=twin, dropout_rngs=twin_rngs).read(str(path)).expect_partial()
+    model.set_weights(twin.get_weights())
+    for mine, saved in zip(checkpoint.dropout_rngs, twin_rngs):
+        mine.state.assign(saved.state)
 
 
 def _on_chief(work):
