@@ -10,9 +10,9 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_KERAS := $(HOME)/.keras/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup data jdk demo test bench lint clean
+.PHONY: setup data jdk web demo test bench lint clean
 
-setup: $(STAMP) $(HOROVOD) data jdk
+setup: $(STAMP) $(HOROVOD) data jdk web
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ data:
 jdk:
 	@command -v javac >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jdk-headless; }
 
+# LiteRT.js for the phone-browser demo (pipeline serve-web), pinned in serve/web/package-lock.json.
+# (tests/test_web.py installs Debian's chromium itself to drive the page.)
+web:
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	@[ -f serve/web/node_modules/@litertjs/core/package.json ] || npm ci --prefix serve/web --no-audit --no-fund
+
 demo: setup
 	$(BIN)/pipeline train --config fashion_mnist --name demo --exist-ok
 	$(BIN)/pipeline quantize runs/demo --mode int8
@@ -72,4 +78,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info serve/web/node_modules

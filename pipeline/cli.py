@@ -48,14 +48,16 @@ def cli() -> None:
 
     \b
       pipeline train                          # Fashion-MNIST, the small CNN
-      pipeline train --data photos/ --config configs/image_folder.yaml
-      pipeline quantize runs/exp              # int8 bundle + accuracy gate
+      pipeline train --workers 2              # the same, data-parallel with Horovod
+      pipeline train --config transfer --data photos/   # EfficientNet-Lite0 transfer learning
+      pipeline quantize runs/fashion_mnist    # int8 bundle + accuracy gate
+      pipeline pretrained efficientnet-lite0  # ImageNet bundles
       pipeline label image.jpg                # top 5 labels, newest bundle
     """
 
 
 def _config_file(value: str) -> str:
-    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder)."""
+    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder, transfer)."""
     named = os.path.join(CONFIG_DIR, f"{value}.yaml")
     return named if not os.path.exists(value) and os.path.isfile(named) else value
 
@@ -66,7 +68,7 @@ def _config_file(value: str) -> str:
     "--config",
     "config_path",
     help="YAML config: a path, or a name in configs/ "
-    "(fashion_mnist, image_folder). Default: configs/fashion_mnist.yaml.",
+    "(fashion_mnist, image_folder, transfer). Default: configs/fashion_mnist.yaml.",
 )
 @click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
 @click.option(
@@ -369,3 +371,41 @@ def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
     data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photo", None, None)
     export_bundles(run, data, list(modes), float("inf"), 0, num_threads)
+
+
+@cli.command("serve-web")
+@click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free one).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 lets a phone on the same network in.",
+)
+@click.option(
+    "--selftest",
+    "selftest_images",
+    multiple=True,
+    help="An image whose serve-prepared pixels /?selftest=1 runs and prints as JSON (repeatable).",
+)
+def serve_web(model_file, port, host, selftest_images) -> None:
+    """Serve the phone-browser demo: a page that runs the bundle with LiteRT.js, in the browser.
+
+    \b
+    Needs LiteRT.js from npm once: npm install --prefix serve/web
+    Browsers allow the camera only over https or on localhost: from a phone over
+    plain http (--host 0.0.0.0), use "Choose a photo" instead of "Take a photo".
+    """
+    from serve.web.server import make_server
+
+    model_path = model_file or newest_bundle()
+    server = make_server(model_path, host, port, list(selftest_images))
+    port = server.server_address[1]
+    click.echo(f"Serving {model_path} at http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/")
+    if host in ("0.0.0.0", "::"):
+        click.echo(f"From a phone on the same network: http://<this machine's address>:{port}/")
+    click.echo("Ctrl-C to stop.")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -24,7 +24,9 @@ _METADATA_BUFFER = 1
 _BUFFER_DATA = 0
 
 
-class _FlatBuffer:
+class FlatBuffer:
+    """Just enough of a flatbuffer reader for the TFLite schema: tables, vectors, strings."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
 
@@ -56,7 +58,7 @@ class _FlatBuffer:
 
 def read_model_metadata(model: bytes) -> dict[str, bytes]:
     """Every `Model.metadata` entry of a TFLite flatbuffer, by name."""
-    buf = _FlatBuffer(model)
+    buf = FlatBuffer(model)
     root = buf.deref(0)
     entries: dict[str, bytes] = {}
     metadata = buf.field(root, _MODEL_METADATA)

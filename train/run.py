@@ -99,8 +99,6 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     if chief:  # only now: a resume that fails must leave the run's config as it was
         write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
-
-    if chief:
         _print_header(run, config, data, model)
     started = time.time()
     if start_epoch < config["epochs"]:

@@ -1,0 +1,117 @@
+"""The phone-browser demo's server: the page, one bundle, its metadata and LiteRT.js. Standard library only.
+
+`pipeline serve-web` runs it. The page does the inference in the browser; this only hands out files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from serve.bundle import FlatBuffer, read_bundle_metadata, read_model_file
+from serve.errors import BundleError, PipelineError
+
+WEB_DIR = os.path.dirname(os.path.abspath(__file__))
+LITERT_DIR = os.path.join(WEB_DIR, "node_modules", "@litertjs")
+STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js"}
+# Field indices in tensorflow/lite/schema/schema.fbs.
+_MODEL_SUBGRAPHS = 2
+_SUBGRAPH_TENSORS = 0
+_TENSOR_SHAPE = 0
+_TENSOR_SHAPE_SIGNATURE = 7
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".wasm": "application/wasm"}
+
+
+def check_litert() -> None:
+    """LiteRT.js comes from npm into serve/web/node_modules; say how to get it when it is missing."""
+    if not os.path.isfile(os.path.join(LITERT_DIR, "core", "dist", "index.js")):
+        raise PipelineError("LiteRT.js is not installed; run: npm install --prefix serve/web")
+
+
+def with_fixed_shapes(model: bytes) -> bytes:
+    """The model with each tensor's shape_signature set to its shape: batch 1 instead of -1.
+
+    LiteRT.js 2.5 takes the signature as the tensor type and refuses a [1, H, W, C] input for [-1, H, W, C];
+    it cannot resize. Only those int32 values change, in place, so the flatbuffer stays valid.
+    """
+    buf = FlatBuffer(model)
+    patched = bytearray(model)
+    subgraphs_start, subgraph_count = buf.vector(buf.field(buf.deref(0), _MODEL_SUBGRAPHS))
+    for s in range(subgraph_count):
+        subgraph = buf.deref(subgraphs_start + 4 * s)
+        tensors = buf.field(subgraph, _SUBGRAPH_TENSORS)
+        if tensors is None:
+            continue
+        tensors_start, tensor_count = buf.vector(tensors)
+        for t in range(tensor_count):
+            tensor = buf.deref(tensors_start + 4 * t)
+            shape, signature = buf.field(tensor, _TENSOR_SHAPE), buf.field(tensor, _TENSOR_SHAPE_SIGNATURE)
+            if shape is None or signature is None:
+                continue
+            (shape_start, rank), (signature_start, signature_rank) = buf.vector(shape), buf.vector(signature)
+            for i in range(min(rank, signature_rank)):
+                at = signature_start + 4 * i
+                if struct.unpack_from("<i", model, at)[0] == -1:
+                    patched[at : at + 4] = model[shape_start + 4 * i : shape_start + 4 * i + 4]
+    return bytes(patched)
+
+
+def make_server(model_path: str, host: str, port: int, selftest_images: list[str] = ()) -> ThreadingHTTPServer:
+    """A server for `model_path`. `/selftest.json` holds the input tensors serve makes of `selftest_images`,
+    flattened, for `/?selftest=1`: the browser's canvas resamples differently, so a comparison starts there."""
+    check_litert()
+    model = read_model_file(model_path)
+    metadata = read_bundle_metadata(model_path, model)
+    if metadata is None:
+        raise BundleError(f"{model_path}: not an edge-pipeline bundle (no metadata); the page needs one")
+    files = {
+        "/model.tflite": (with_fixed_shapes(model), "application/octet-stream"),
+        "/bundle.json": (json.dumps(metadata).encode(), "application/json"),
+        "/labels.json": (json.dumps(metadata.get("labels", [])).encode(), "application/json"),
+    }
+    if selftest_images:
+        from serve.preprocess import to_pixels
+
+        size = metadata["input"]
+        inputs = [
+            to_pixels(i, size["height"], size["width"], size["channels"]).ravel().tolist() for i in selftest_images
+        ]
+        files["/selftest.json"] = (json.dumps({"inputs": inputs}).encode(), "application/json")
+
+    class Handler(BaseHTTPRequestHandler):  # GET only; other methods get 501
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in files:
+                self._send(*files[path])
+            elif path in STATIC:
+                self._send_file(os.path.join(WEB_DIR, STATIC[path]))
+            elif path.startswith("/node_modules/@litertjs/"):
+                # realpath, then a prefix check: neither ".." nor a link reaches outside node_modules/@litertjs.
+                wanted = os.path.realpath(os.path.join(LITERT_DIR, path.removeprefix("/node_modules/@litertjs/")))
+                if wanted.startswith(os.path.realpath(LITERT_DIR) + os.sep) and os.path.isfile(wanted):
+                    self._send_file(wanted)
+                else:
+                    self.send_error(HTTPStatus.NOT_FOUND)
+            else:
+                self.send_error(HTTPStatus.NOT_FOUND)
+
+        def _send_file(self, path: str) -> None:
+            with open(path, "rb") as f:
+                body = f.read()
+            self._send(body, CONTENT_TYPES.get(os.path.splitext(path)[1], "application/octet-stream"))
+
+        def _send(self, body: bytes, content_type: str) -> None:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")  # a restarted server may serve another bundle
+            self.end_headers()
+            self.wfile.write(body)
+
+    try:
+        return ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        raise PipelineError(f"{host}:{port}: cannot listen ({err.strerror})") from None
