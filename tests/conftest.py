@@ -64,6 +64,23 @@ def fmnist_images(tmp_path_factory) -> list[Path]:
     return sorted(folder.glob("*.png"))
 
 
+# The valid oddities write_image_zoo makes, by file name: each must classify.
+ODDITIES = [
+    "cmyk.jpg",
+    "grey16.png",
+    "rgba.png",
+    "palette_transparent.png",
+    "animated.gif",
+    "exif_rotated.jpg",
+    "photo.webp",
+    "photo.tiff",
+    "tiny.png",
+    "wide.png",
+    "png_named.jpg",
+    "grey.bmp",
+]
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

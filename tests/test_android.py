@@ -20,26 +20,11 @@ from PIL import ImageOps
 
 from serve import Classifier, to_pixels
 from serve.preprocess import _open, _to_8bit
-from tests.conftest import ROOT
+from tests.conftest import ODDITIES, ROOT
 
 ANDROID = ROOT / "android_demo"
 CORE = ANDROID / "app" / "src" / "main" / "java" / "com" / "edgepipeline" / "core"
 DRIVER = ANDROID / "offline" / "host" / "CoreDriver.java"
-ODDITIES = [
-    "cmyk.jpg",
-    "grey16.png",
-    "rgba.png",
-    "palette_transparent.png",
-    "animated.gif",
-    "exif_rotated.jpg",
-    "photo.webp",
-    "photo.tiff",
-    "tiny.png",
-    "wide.png",
-    "png_named.jpg",
-    "grey.bmp",
-]
-
 pytestmark = pytest.mark.skipif(shutil.which("javac") is None, reason="javac not found: install a JDK (17+)")
 
 

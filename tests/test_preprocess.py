@@ -9,21 +9,8 @@ import pytest
 from PIL import Image
 
 from serve import ImageError, to_pixels
+from tests.conftest import ODDITIES
 
-ODDITIES = [
-    "cmyk.jpg",
-    "grey16.png",
-    "rgba.png",
-    "palette_transparent.png",
-    "animated.gif",
-    "exif_rotated.jpg",
-    "photo.webp",
-    "photo.tiff",
-    "tiny.png",
-    "wide.png",
-    "png_named.jpg",
-    "grey.bmp",
-]
 BAD = {
     "missing.jpg": "no such file",
     "a_directory.jpg": "is a directory",
