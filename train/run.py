@@ -312,12 +312,13 @@ class RunWriter(keras.callbacks.Callback):
         row["images_per_second"] = round(self.images_per_epoch / seconds, 1)
         row["images_per_second_per_worker"] = round(self.images_per_epoch / seconds / workers, 1)
         row["allreduce_bytes_per_step"] = self.allreduce_bytes
-        print(
-            f"epoch {row['epoch']}: {row['images_per_second']:.0f} images/s ({workers} worker(s), "
-            f"{row['images_per_second_per_worker']:.0f} each), allreduce {self.allreduce_bytes / 1024:.0f} KiB "
-            "per step per worker",
-            flush=True,
-        )
+        speed = f"epoch {row['epoch']}: {row['images_per_second']:.0f} images/s"
+        if workers > 1:
+            speed += (
+                f" ({workers} workers, {row['images_per_second_per_worker']:.0f} each), allreduce "
+                f"{self.allreduce_bytes / 1024:.0f} KiB per step per worker"
+            )
+        print(speed, flush=True)
         self.history.append(row)
         if row["val_accuracy"] > self.best:
             self.best = row["val_accuracy"]
