@@ -122,7 +122,8 @@ class Classifier:
         info = np.iinfo(dtype)
         return np.clip(np.round(real / scale + zero_point), info.min, info.max).astype(dtype)
 
-    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        """Scores from the model's raw output: (q - zero_point) * scale for quantised outputs."""
         scale, zero_point = self._output["quantization"]
         if raw.dtype in (np.uint8, np.int8) and scale:
             return ((raw.astype(np.float32) - zero_point) * scale).astype(np.float32)
@@ -143,7 +144,7 @@ class Classifier:
             self._interpreter.set_tensor(self._input["index"], batch)
             self._interpreter.invoke()
             raw = self._interpreter.get_tensor(self._output["index"]).copy()
-        return self._dequantize(raw.reshape(len(batch), self.num_classes))
+        return self.dequantize(raw.reshape(len(batch), self.num_classes))
 
     def top_k(self, scores: np.ndarray, k: int = 5) -> list[Prediction]:
         """The k best of one row of scores, best first (ties keep the lower index first)."""

@@ -98,13 +98,10 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
 
 
-def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np.ndarray:
-    """Decode `source` and return a (height, width, channels) uint8 array ready for the model.
-
-    `source` is a path, encoded bytes, a PIL image or a uint8 array. Raises ImageError with a
-    one-line message naming the file when it cannot be used.
-    """
-    image, name = _open(source, draft_side=max(height, width))
+def decode(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
+    """The picture upright and in 8 bits (L, RGB or RGBA), before colour conversion and resizing, with the
+    name to use in error messages. JPEGs may be decoded at a reduced scale no smaller than `draft_side`."""
+    image, name = _open(source, draft_side)
     if "exif" in image.info or image.format == "TIFF":  # checked first: reading EXIF costs imports
         from PIL import ImageOps
 
@@ -112,7 +109,16 @@ def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np
             image = ImageOps.exif_transpose(image)
         except Exception:  # malformed EXIF only loses the rotation, not the image
             pass
-    image = _to_8bit(image)
+    return _to_8bit(image), name
+
+
+def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np.ndarray:
+    """Decode `source` and return a (height, width, channels) uint8 array ready for the model.
+
+    `source` is a path, encoded bytes, a PIL image or a uint8 array. Raises ImageError with a
+    one-line message naming the file when it cannot be used.
+    """
+    image, name = decode(source, draft_side=max(height, width))
     if image.mode == "RGBA":
         canvas = Image.new("RGB", image.size, BACKGROUND)
         canvas.paste(image, mask=image.getchannel("A"))

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
-from PIL import ImageOps
 
 from serve import Classifier, to_pixels
-from serve.preprocess import _open, _to_8bit
+from serve.preprocess import decode
 from tests.conftest import ODDITIES, ROOT
 
 ANDROID = ROOT / "android_demo"
@@ -54,8 +53,7 @@ def decoded_argb(path: Path, draft_side: int) -> np.ndarray:
     serve's own steps (first frame, JPEG draft, EXIF, 16-bit scaling, palette and CMYK conversion); alpha is
     kept, for the Java side to show it on white as serve does.
     """
-    image, _ = _open(path, draft_side)
-    image = _to_8bit(ImageOps.exif_transpose(image)).convert("RGBA")
+    image = decode(path, draft_side)[0].convert("RGBA")
     rgba = np.asarray(image).astype(np.uint32)
     return (rgba[..., 3] << 24) | (rgba[..., 0] << 16) | (rgba[..., 1] << 8) | rgba[..., 2]
 
@@ -180,6 +178,6 @@ def test_top_k_matches_serve(core, bundles, fmnist_images, tmp_path, mode):
     assert len(blocks) == len(raw)
     for row, block in zip(raw, blocks):
         got = [(int(i), np.float32(s)) for i, s in (line.split("\t") for line in block.splitlines())]
-        want = classifier.top_k(classifier._dequantize(row), 10)  # serve's scores from the same raw output
+        want = classifier.top_k(classifier.dequantize(row), 10)  # serve's scores from the same raw output
         assert [i for i, _ in got] == [p.index for p in want]
         assert [s for _, s in got] == [np.float32(p.score) for p in want]
