@@ -29,7 +29,7 @@ def main() -> None:
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except PipelineError as err:
-        click.echo(f"Error: {err}", err=True)
+        click.echo(f"Error: {printable(str(err))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
@@ -38,7 +38,9 @@ def main() -> None:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         first_line = (str(err).strip().splitlines() or [""])[0]  # TensorFlow's messages run to pages
-        click.echo(f"Error: {type(err).__name__}: {first_line} (set PIPELINE_DEBUG=1 for a traceback)", err=True)
+        click.echo(
+            f"Error: {type(err).__name__}: {printable(first_line)} (set PIPELINE_DEBUG=1 for a traceback)", err=True
+        )
         sys.exit(1)
 
 
@@ -79,7 +81,7 @@ def _config_file(value: str) -> str:
 @click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0: start from ImageNet weights.")
 @click.option("--epochs", type=int, help="Number of epochs.")
 @click.option("--batch-size", type=int, help="Images per step.")
-@click.option("--name", help="Run name: the run directory is runs/<name>.")
+@click.option("--name", help="Run name: the run directory is runs/<name> (a plain name, not starting with '.').")
 @click.option(
     "--set",
     "overrides",
@@ -100,8 +102,19 @@ def _config_file(value: str) -> str:
     show_default=True,
     help="With --workers: seconds a stalled worker may hold up the others before the job stops.",
 )
-@click.option("--resume", is_flag=True, help="Continue runs/<name> from its last complete checkpoint.")
-@click.option("--exist-ok", is_flag=True, help="Start runs/<name> over if it exists (its contents are deleted).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue runs/<name> from its last complete checkpoint. It may change epochs, learning_rate, "
+    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints and compression (and --workers), "
+    "not what defines the run (its data, split, model, seed, augmentation or loss).",
+)
+@click.option(
+    "--exist-ok",
+    is_flag=True,
+    help="Start runs/<name> over if it exists (its contents are deleted once the new run's config, data "
+    "and model are found good).",
+)
 def train(
     config_path,
     data,
@@ -126,7 +139,7 @@ def train(
     Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
     or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
     """
-    from pipeline.config import load_config, parse_override
+    from pipeline.config import check_resume, load_config, parse_override
 
     values = dict(parse_override(text) for text in overrides)
     for key, value in (
@@ -146,7 +159,9 @@ def train(
         if config_path is not None:
             raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
         base = load_config(None, {k: v for k, v in values.items() if k in ("name", "runs_dir")})
-        config = load_config(os.path.join(base["runs_dir"], base["name"], "config.yaml"), values)
+        run = os.path.join(base["runs_dir"], base["name"])
+        config = load_config(os.path.join(run, "config.yaml"), values)
+        check_resume(run, load_config(os.path.join(run, "config.yaml")), config)  # here: before TensorFlow loads
     else:
         config = load_config(_config_file(config_path or "fashion_mnist"), values)
 
@@ -181,24 +196,35 @@ def train(
 )
 @click.option(
     "--calibration-images",
+    type=click.IntRange(1),
     default=500,
     show_default=True,
     help="Training images (a stratified sample) that set int8 activation ranges.",
 )
 @click.option(
     "--budget",
+    type=click.FloatRange(0),
     default=1.0,
     show_default=True,
     help="Largest allowed top-1 drop of an int8 bundle against float32, in points.",
 )
-@click.option("--qat-epochs", default=2, show_default=True, help="Fine-tuning epochs for --mode qat.")
-@click.option("--num-threads", default=1, show_default=True, help="Interpreter threads for the latency figures.")
+@click.option(
+    "--qat-epochs", type=click.IntRange(1), default=2, show_default=True, help="Fine-tuning epochs for --mode qat."
+)
+@click.option(
+    "--num-threads",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Interpreter threads for the latency figures.",
+)
 def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_threads) -> None:
     """Export bundles from a run: int8 (post-training), qat, float16, float32.
 
     Each bundle is one .tflite under RUN_DIR/export/ carrying its labels, input spec and provenance,
     with labels.txt beside it. Exits 1, keeping the float export, when an int8 bundle loses more than
-    --budget points of top-1 accuracy on held-out data.
+    --budget points of top-1 accuracy on held-out data; an older bundle of that mode is then renamed
+    to *.tflite.stale, so that nothing picks it up as this model's.
     """
     from pathlib import Path
 
@@ -210,19 +236,21 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
     config = load_config(run_dir / "config.yaml")
 
     from quantize.export import QuantizeData, export_bundles
+    from serve.atomic import run_lock
     from train.data import load_dataset, stratified_sample
 
-    data = load_dataset(config)
-    calibration = data.train_x[stratified_sample(data.train_y, calibration_images, config["seed"])]
-    held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
-    report = export_bundles(
-        run_dir,
-        QuantizeData(data.class_names, calibration, *held_out, data.train_x, data.train_y),
-        list(modes),
-        budget,
-        qat_epochs,
-        num_threads,
-    )
+    with run_lock(run_dir, "quantizing"):
+        data = load_dataset(config)
+        calibration = data.train_x[stratified_sample(data.train_y, calibration_images, config["seed"])]
+        held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
+        report = export_bundles(
+            run_dir,
+            QuantizeData(data.class_names, calibration, *held_out, data.train_x, data.train_y),
+            list(modes),
+            budget,
+            qat_epochs,
+            num_threads,
+        )
     if report["rejected"]:
         raise PipelineError(
             f"{run_dir}: {', '.join(report['rejected'])} lost more than {budget} points of top-1 accuracy; "
@@ -231,13 +259,45 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
 
 
 def newest_bundle(runs_dir: str = "runs") -> str:
-    """The most recently written bundle under runs/*/export/ (glob skips the hidden temp files)."""
+    """The most recently written bundle under runs/*/export/ (glob skips the hidden temp files; links to
+    nothing, folders and other special files are skipped too)."""
     import glob
+    import stat
 
-    bundles = glob.glob(os.path.join(runs_dir, "*", "export", "*.tflite"))
-    if not bundles:
+    found = []
+    for path in glob.glob(os.path.join(runs_dir, "*", "export", "*.tflite")):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((info.st_mtime, path))
+    if not found:
         raise PipelineError(f"{runs_dir}: no bundle found; run pipeline quantize first, or pass -m model.tflite")
-    return max(bundles, key=os.path.getmtime)
+    return max(found)[1]
+
+
+# Control characters in a label or a path could forge output lines: they are printed escaped.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def printable(text: str) -> str:
+    """`text` with C0 and C1 control characters, DEL and the Unicode line separators escaped, as \\n or \\x1b."""
+    return text.translate(_ESCAPES)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @cli.command()
@@ -253,12 +313,33 @@ def newest_bundle(runs_dir: str = "runs") -> str:
     "--label_file",
     help="Labels, one per line. Default: the bundle's own, else labels.txt beside the model.",
 )
-@click.option("-k", "--top_k", default=5, show_default=True, help="How many labels to print per image.")
-@click.option("--input_mean", type=float, help="Float models: subtract this from pixels (bundles: 0).")
-@click.option("--input_std", type=float, help="Float models: divide pixels by this (bundles: 1).")
-@click.option("--num_threads", type=int, help="Interpreter threads.")
+@click.option(
+    "-k",
+    "--top_k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="How many labels to print per image.",
+)
+@click.option(
+    "--input_mean", type=float, callback=_finite, help="Float models: subtract this from pixels (bundles: 0)."
+)
+@click.option(
+    "--input_std",
+    type=click.FloatRange(min=0, min_open=True),
+    callback=_finite,
+    help="Float models: divide pixels by this, > 0 (bundles: 1).",
+)
+@click.option("--num_threads", type=click.IntRange(min=1), help="Interpreter threads.")
+@click.option(
+    "--ignore-checksum",
+    is_flag=True,
+    help="Load a bundle even if its checksum does not match (a bundle another tool changed on purpose).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of label_image-style lines.")
-def label(images, more_images, model_file, label_file, top_k, input_mean, input_std, num_threads, as_json) -> None:
+def label(
+    images, more_images, model_file, label_file, top_k, input_mean, input_std, num_threads, ignore_checksum, as_json
+) -> None:
     """Print the top labels of each image, best first: `label (index): score`."""
     import time
 
@@ -267,7 +348,14 @@ def label(images, more_images, model_file, label_file, top_k, input_mean, input_
     images = list(images) + list(more_images)
     if not images:
         raise click.UsageError("give at least one image")
-    classifier = Classifier(model_file or newest_bundle(), label_file, num_threads, input_mean, input_std)
+    classifier = Classifier(
+        model_file or newest_bundle(),
+        label_file,
+        num_threads,
+        input_mean,
+        input_std,
+        verify_checksum=not ignore_checksum,
+    )
     results, failed = [], 0
     for image in images:
         started = time.perf_counter()
@@ -277,7 +365,7 @@ def label(images, more_images, model_file, label_file, top_k, input_mean, input_
             failed += 1
             results.append({"image": image, "error": str(err)})
             if not as_json:
-                click.echo(f"Error: {err}", err=True)
+                click.echo(f"Error: {printable(str(err))}", err=True)
             continue
         elapsed_ms = 1000 * (time.perf_counter() - started)
         results.append(
@@ -285,9 +373,9 @@ def label(images, more_images, model_file, label_file, top_k, input_mean, input_
         )
         if not as_json:
             if len(images) > 1:
-                click.echo(f"{image}:")
+                click.echo(f"{printable(image)}:")
             for p in predictions:
-                click.echo(f"{p.label} ({p.index}): {p.score:.6f}")
+                click.echo(f"{printable(p.label)} ({p.index}): {p.score:.6f}")
     if as_json:
         click.echo(json.dumps({"model": str(classifier.model_path), "results": results}, indent=2))
     if failed:
@@ -344,7 +432,13 @@ def samples(count, out, data_path) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
 )
-@click.option("--num-threads", default=1, show_default=True, help="Interpreter threads for the latency figures.")
+@click.option(
+    "--num-threads",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Interpreter threads for the latency figures.",
+)
 def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
 
@@ -357,20 +451,30 @@ def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
 
     import numpy as np
 
+    from pipeline.config import inside_runs_dir
+
+    if not inside_runs_dir(name, "runs"):
+        raise click.BadParameter(
+            f"{name!r}: must name a directory inside runs/ (no '/', no leading '.')", param_hint="--name"
+        )
+
     from quantize.export import QuantizeData, export_bundles
     from serve import IMAGE_EXTENSIONS, to_pixels
+    from serve.atomic import run_lock
     from train.pretrained import INPUT_SIZE, create_run, imagenet_labels, photo_views, sample_photos
 
     run = Path("runs") / name
-    create_run(run)
-    photos = sample_photos()
-    calibration = photo_views(photos, INPUT_SIZE)
-    own = [p for d in calibration_dirs for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if own:
-        calibration = np.concatenate([calibration, np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in own])])
-    whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
-    data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photo", None, None)
-    export_bundles(run, data, list(modes), float("inf"), 0, num_threads)
+    with run_lock(run, "exporting"):
+        create_run(run)
+        photos = sample_photos()
+        calibration = photo_views(photos, INPUT_SIZE)
+        own = [p for d in calibration_dirs for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if own:
+            own_pixels = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in own])
+            calibration = np.concatenate([calibration, own_pixels])
+        whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
+        data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photo", None, None)
+        export_bundles(run, data, list(modes), float("inf"), 0, num_threads)
 
 
 @cli.command("serve-web")

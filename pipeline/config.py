@@ -36,6 +36,26 @@ DEFAULTS: dict = {
 }
 
 
+# What a run is: its data and split, its model and its loss. `--resume` refuses to change these; the others
+# (epochs, learning_rate, fine_tune_blocks, batch_size, ...) only say how training goes on.
+RUN_DEFINING = (
+    "data",
+    "data_path",
+    "max_images_per_class",
+    "val_fraction",
+    "seed",
+    "model",
+    "input_size",
+    "channels",
+    "width",
+    "dropout",
+    "pretrained",
+    "augment",
+    "label_smoothing",
+    "mixed_precision",
+)
+
+
 class ConfigError(PipelineError):
     """A config file or override that cannot be used."""
 
@@ -129,10 +149,33 @@ def validate(config: dict) -> dict:
     need(isinstance(config["mixed_precision"], bool), "mixed_precision", "must be true or false")
     need(isinstance(config["augment"], bool), "augment", "must be true or false")
     need(
-        isinstance(config["name"], str) and config["name"] and "/" not in config["name"],
+        isinstance(config["runs_dir"], str) and config["runs_dir"] and "\0" not in config["runs_dir"],
+        "runs_dir",
+        "must be a folder",
+    )
+    need(
+        inside_runs_dir(config["name"], config["runs_dir"]),
         "name",
-        "must be a plain directory name",
+        "must name a directory inside runs_dir: no '/', no leading '.', not a symlink",
     )
     if config["model"] == "mobilenet_v2":
         need(config["input_size"] >= 32, "input_size", "mobilenet_v2 needs at least 32")
     return config
+
+
+def inside_runs_dir(name: object, runs_dir: str) -> bool:
+    """Whether runs_dir/name is a directory strictly inside runs_dir, so that starting the run over deletes
+    nothing else. Hidden names are refused too: the lock and temp files beside the runs start with a dot."""
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        return False
+    runs = Path(runs_dir).resolve()
+    return (runs / name).resolve() == runs / name  # not a symlink to elsewhere
+
+
+def check_resume(run: str | Path, previous: dict, config: dict) -> None:
+    """Refuse a resume of the run whose config was `previous` that would change what the run is."""
+    for key in RUN_DEFINING:
+        if previous[key] != config[key]:
+            raise ConfigError(
+                f"{run}: --resume cannot change {key} ({previous[key]} -> {config[key]}); start a new run with --name"
+            )

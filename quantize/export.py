@@ -92,6 +92,8 @@ def export_bundles(
             metadata["metrics"] = {"float32": _public(results["float32"]), mode: _public(metrics)}
             write_atomic(bundle_path(run, mode), embed_metadata(flat, metadata))
             metrics["bundle"] = str(bundle_path(run, mode))
+        else:
+            _set_aside_previous(bundle_path(run, mode))
 
     report = {
         "run": str(run),
@@ -106,6 +108,24 @@ def export_bundles(
     write_atomic(run / "quantize_report.json", json.dumps(report, indent=2))
     print(format_report(report))
     return report
+
+
+def _set_aside_previous(bundle: Path) -> None:
+    """A bundle of the mode just refused was made from an earlier model: left in place, `pipeline label`
+    (newest bundle) could still pick it. Renamed, not deleted, and without the .tflite suffix."""
+    if bundle.exists():
+        stale = bundle.with_name(bundle.name + ".stale")
+        bundle.replace(stale)
+        print(f"moved the previous {bundle.name} aside to {stale} (it was made from an earlier model)", flush=True)
+
+
+def public_config(config: dict) -> dict:
+    """The training config as a bundle may show it to anyone: no absolute paths of the training machine.
+    The data is named by its folder's name (its fingerprint identifies it)."""
+    shown = {key: value for key, value in config.items() if key not in ("data_path", "runs_dir")}
+    if isinstance(shown.get("data"), str) and shown["data"] != "fashion-mnist":
+        shown["data"] = Path(shown["data"]).name
+    return shown
 
 
 def _read_run(run: Path) -> tuple[dict, dict]:
@@ -140,7 +160,7 @@ def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -
         "provenance": {
             "run": run.name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config,
+            "config": public_config(config),
             "data_fingerprint": summary["data_fingerprint"],
             "training": {k: summary[k] for k in ("best_epoch", "epochs", "val_accuracy", "test_accuracy")},
             "versions": {

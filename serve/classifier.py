@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +20,10 @@ from serve.preprocess import ImageSource, to_pixels
 # label_image's defaults, used only for float models that carry no bundle metadata.
 LABEL_IMAGE_MEAN = 127.5
 LABEL_IMAGE_STD = 127.5
+INPUT_DTYPES = (np.float32, np.uint8, np.int8)
+# LiteRT prints this on stderr the first time a process creates an interpreter; it is not news to anyone.
+LITERT_INFO_LINE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_STDERR_LOCK = threading.Lock()
 
 
 class Prediction(NamedTuple):
@@ -30,7 +37,8 @@ class Classifier:
 
     Everything needed comes from the bundle: input size and channels, quantisation and labels.
     `label_file` overrides the labels; `input_mean`/`input_std` apply to float inputs as in
-    label_image. Safe to share between threads: the interpreter is used under a lock.
+    label_image. A bundle whose checksum does not match its bytes is refused unless `verify_checksum`
+    is False. Safe to share between threads: the interpreter is used under a lock.
     """
 
     def __init__(
@@ -40,23 +48,25 @@ class Classifier:
         num_threads: int | None = None,
         input_mean: float | None = None,
         input_std: float | None = None,
+        *,
+        verify_checksum: bool = True,
     ) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, not {num_threads}")
+        if input_mean is not None and not math.isfinite(input_mean):
+            raise ValueError(f"input_mean must be a finite number, not {input_mean}")
+        if input_std is not None and not (math.isfinite(input_std) and input_std > 0):
+            raise ValueError(f"input_std must be a positive finite number, not {input_std}")
         self.model_path = os.fspath(model_path)
-        model = read_model_file(self.model_path)
+        model = read_model_file(self.model_path, verify_checksum=verify_checksum)
         self.metadata = read_bundle_metadata(self.model_path, model)
         try:
-            self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
-            self._interpreter.allocate_tensors()
+            with _without_litert_info():
+                self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
-            raise BundleError(f"{self.model_path}: cannot load model ({str(err).splitlines()[0]})") from None
-        inputs = self._interpreter.get_input_details()
-        outputs = self._interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0]["shape"]) != 4:
-            raise BundleError(f"{self.model_path}: not an image classifier (want one NHWC input, one output)")
-        self._input = inputs[0]
-        self._output = outputs[0]
-        _, self.height, self.width, self.channels = (int(d) for d in self._input["shape"])
-        self.num_classes = int(self._output["shape"][-1])
+            raise BundleError(f"{self.model_path}: cannot load model ({_first_line(err)})") from None
+        self._check_model()
         # Bundles take raw 0..255 pixels (normalisation is inside the model).
         plain = self.metadata is None
         self.input_mean = input_mean if input_mean is not None else (LABEL_IMAGE_MEAN if plain else 0.0)
@@ -70,13 +80,51 @@ class Classifier:
             and (self.input_mean, self.input_std) == (0.0, 1.0)
         )
         self._lock = threading.Lock()
-        self._batch_size = 1
+        self._batch_size = 1  # what the interpreter is allocated for; 0 while unknown
+        # A [1, classes] output may take a batch of images at once; a model with the batch size fixed
+        # inside (a reshape to [1, -1], say) turns out not to on its first batch.
+        self._batchable = len(self._output["shape"]) == 2
+
+    def _check_model(self) -> None:
+        """Refuse at load what could only fail later, at classify time."""
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0]["shape"]) != 4 or min(inputs[0]["shape"]) < 1:
+            raise BundleError(f"{self.model_path}: not an image classifier (want one NHWC input, one output)")
+        self._input = inputs[0]
+        self._output = outputs[0]
+        _, self.height, self.width, self.channels = (int(d) for d in self._input["shape"])
+        if self.channels not in (1, 3):
+            raise BundleError(
+                f"{self.model_path}: takes {self.channels}-channel images; only 1 (grey) or 3 (RGB) are supported"
+            )
+        if self.input_dtype not in INPUT_DTYPES:
+            raise BundleError(
+                f"{self.model_path}: takes {self.input_dtype} input; only float32, uint8 or int8 is supported"
+            )
+        shape = [int(d) for d in self._output["shape"]]
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)) or shape[-1] < 1:
+            raise BundleError(
+                f"{self.model_path}: not an image classifier (its output has shape {shape}, not [1, classes])"
+            )
+        output_dtype = np.dtype(self._output["dtype"])
+        if output_dtype.kind not in "iuf":
+            raise BundleError(f"{self.model_path}: its output is {output_dtype}, not scores")
+        self.num_classes = shape[-1]
+        if self.metadata is not None:
+            size = self.metadata["input"]
+            stated = (size["height"], size["width"], size["channels"])
+            if stated != (self.height, self.width, self.channels):
+                raise BundleError(
+                    f"{self.model_path}: bundle metadata says {'x'.join(map(str, stated))} input but the model "
+                    f"takes {self.height}x{self.width}x{self.channels}"
+                )
 
     def _find_labels(self, label_file: str | os.PathLike | None) -> list[str]:
         beside = os.path.join(os.path.dirname(self.model_path), "labels.txt")
         if label_file is not None:
             source, labels = os.fspath(label_file), read_labels(label_file)
-        elif self.metadata and self.metadata.get("labels"):
+        elif self.metadata is not None:
             source, labels = self.model_path, list(self.metadata["labels"])
         elif os.path.isfile(beside):
             source, labels = beside, read_labels(beside)
@@ -130,21 +178,39 @@ class Classifier:
         return raw.astype(np.float32)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """Scores, shape (N, num_classes) float32, for a uint8 batch of shape (N, H, W, C)."""
+        """Scores, shape (N, num_classes) float32, for a uint8 batch of shape (N, H, W, C), N >= 1."""
         pixels = np.asarray(pixels)
         expected = (self.height, self.width, self.channels)
-        if pixels.ndim != 4 or pixels.shape[1:] != expected:
-            raise ValueError(f"expected a batch of shape (N, {expected[0]}, {expected[1]}, {expected[2]})")
+        if pixels.ndim != 4 or pixels.shape[1:] != expected or pixels.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 batch of shape (N, {expected[0]}, {expected[1]}, {expected[2]})")
+        if len(pixels) == 0:
+            raise ValueError("expected a batch of at least one image")
         batch = np.ascontiguousarray(self._to_input(pixels))
         with self._lock:
-            if len(batch) != self._batch_size:
-                self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
-                self._interpreter.allocate_tensors()
-                self._batch_size = len(batch)
-            self._interpreter.set_tensor(self._input["index"], batch)
-            self._interpreter.invoke()
-            raw = self._interpreter.get_tensor(self._output["index"]).copy()
-        return self.dequantize(raw.reshape(len(batch), self.num_classes))
+            if self._batchable and len(batch) > 1:
+                try:
+                    return self.dequantize(self._invoke(batch))
+                except (ValueError, RuntimeError):
+                    self._batchable = False  # from now on one image at a time
+            try:
+                raw = np.concatenate([self._invoke(batch[i : i + 1]) for i in range(len(batch))])
+            except (ValueError, RuntimeError) as err:
+                raise BundleError(f"{self.model_path}: the model failed to run ({_first_line(err)})") from None
+        return self.dequantize(raw)
+
+    def _invoke(self, batch: np.ndarray) -> np.ndarray:
+        """The raw output for `batch`, (len(batch), num_classes). Call under the lock."""
+        if len(batch) != self._batch_size:
+            self._batch_size = 0  # should the resize fail, the next call resizes again
+            self._interpreter.resize_tensor_input(self._input["index"], batch.shape)
+            self._interpreter.allocate_tensors()
+            self._batch_size = len(batch)
+        self._interpreter.set_tensor(self._input["index"], batch)
+        self._interpreter.invoke()
+        raw = self._interpreter.get_tensor(self._output["index"])
+        if raw.size != len(batch) * self.num_classes:
+            raise ValueError(f"output of shape {raw.shape} for {len(batch)} images")
+        return raw.reshape(len(batch), self.num_classes).copy()
 
     def top_k(self, scores: np.ndarray, k: int = 5) -> list[Prediction]:
         """The k best of one row of scores, best first (ties keep the lower index first)."""
@@ -161,3 +227,43 @@ class Classifier:
             return []
         scores = self.predict(np.stack([self.preprocess(image) for image in images]))
         return [self.top_k(row, top_k) for row in scores]
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+@contextlib.contextmanager
+def _without_litert_info() -> Iterator[None]:
+    """Run the block with file descriptor 2 going into a pipe, then pass on everything LiteRT wrote there
+    except LITERT_INFO_LINE: its errors still reach stderr. (A pipe and a thread that drains it, rather than
+    a temporary file: importing tempfile would cost `pipeline label` 3 ms.)"""
+    with _STDERR_LOCK:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to filter
+            saved = None
+        if saved is None:
+            yield
+            return
+        read_end, write_end = os.pipe()
+        chunks: list[bytes] = []
+        drain = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 1 << 16), b"")))
+        drain.start()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            yield
+        finally:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            os.dup2(saved, 2)  # the pipe's last write end closes: the drain reads to its end
+            os.close(saved)
+            drain.join()
+            os.close(read_end)
+            lines = b"".join(chunks).splitlines(keepends=True)
+            rest = b"".join(line for line in lines if line.rstrip(b"\r\n") != LITERT_INFO_LINE)
+            while rest:
+                rest = rest[os.write(2, rest) :]

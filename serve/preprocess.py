@@ -16,10 +16,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from serve.errors import ImageError
+from serve.files import MiB, read_regular_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
+# Image files are read whole before decoding. 256 MiB holds Pillow's pixel limit (89.5 million) as raw RGB.
+MAX_IMAGE_BYTES = 256 * MiB
 
 # Transparent pixels are shown on white, as an image viewer would.
 BACKGROUND = (255, 255, 255)
@@ -36,16 +39,13 @@ def _open(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
             raise ImageError("<bytes>: empty image data")
         return _decode(io.BytesIO(source), "<bytes>", draft_side), "<bytes>"
     name = os.fspath(source)
-    if not os.path.exists(name):
-        raise ImageError(f"{name}: no such file")
-    if os.path.isdir(name):
-        raise ImageError(f"{name}: is a directory, not an image")
-    if os.path.getsize(name) == 0:
+    data = read_regular_file(name, MAX_IMAGE_BYTES, "an image", ImageError)
+    if not data:
         raise ImageError(f"{name}: empty file")
-    return _decode(name, name, draft_side), name
+    return _decode(io.BytesIO(data), name, draft_side), name
 
 
-def _decode(fp: str | io.BytesIO, name: str, draft_side: int) -> Image.Image:
+def _decode(fp: io.BytesIO, name: str, draft_side: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
@@ -54,8 +54,7 @@ def _decode(fp: str | io.BytesIO, name: str, draft_side: int) -> Image.Image:
             if image.format == "PNG":
                 # verify() checks every chunk's CRC, which decoding alone does not.
                 image.verify()
-                if isinstance(fp, io.BytesIO):
-                    fp.seek(0)
+                fp.seek(0)
                 image = Image.open(fp)
             if image.format == "JPEG":
                 # Let libjpeg decode at a reduced scale when the photo is much larger than the input.

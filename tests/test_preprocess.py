@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 
 import numpy as np
 import pytest
@@ -96,3 +98,17 @@ def test_bad_bytes_and_arrays_are_image_errors():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     assert to_pixels(buffer.getvalue(), 8, 8, 3).shape == (8, 8, 3)
+
+
+def test_special_and_oversized_image_files_are_refused_unread(tmp_path):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # opening it would wait for a writer
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate((256 << 20) + 1)  # sparse: reading it would take 256 MiB of memory
+    special = {pipe: "is a named pipe, not an image", "/dev/zero": "is a character device, not an image"}
+    for path, problem in special.items():
+        with pytest.raises(ImageError, match=f"^{re.escape(str(path))}: {problem}$"):
+            to_pixels(path, 8, 8, 3)
+    with pytest.raises(ImageError, match="larger than 256 MiB, too large for an image"):
+        to_pixels(huge, 8, 8, 3)

@@ -43,6 +43,14 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["..", ".", "", "/tmp/elsewhere", "a/b"])
+def test_pretrained_name_outside_runs_writes_nothing(tmp_path, name):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", name, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--name" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
 def test_rebuilt_network_matches_the_reference_scores():
     """Scores of the Keras rebuild against PyTorch's own on fixed photos (tests/data/reference_scores.json,
     made once with torch 2.13 and efficientnet-lite-pytorch 0.1.0 from the same state dict)."""

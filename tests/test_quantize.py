@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from serve import Classifier
+from serve.atomic import run_lock
 from serve.bundle import read_bundle_metadata, read_model_file
 from tests.conftest import make_image_folder, run_pipeline
 
@@ -26,19 +32,79 @@ def test_report_compares_every_bundle_with_float(fmnist_run, bundles):
         assert row["bundle"] == str(bundles[mode])
 
 
-def test_gate_refuses_an_int8_model_over_budget_and_keeps_float(tmp_path, fmnist_run):
-    run = tmp_path / "fmnist"
-    run.mkdir()
-    for name in ("config.yaml", "summary.json", "best.keras", "data.json"):
-        (run / name).write_bytes((fmnist_run / name).read_bytes())
-    # A negative budget demands that int8 beat float by 5 points, which it cannot: the gate must trip.
-    result = run_pipeline("quantize", str(run), "--budget", "-5", check=False)
+# Adds one large vector to every column of the last layer's kernel: each logit gains the same amount, which
+# float32's softmax cannot tell, but the logits' range grows ~1000-fold and int8 loses their ranking.
+SPOIL_FOR_INT8 = """
+import sys
+import tf_keras as keras
+model = keras.models.load_model(sys.argv[1], compile=False)
+kernel, bias = model.layers[-1].get_weights()
+model.layers[-1].set_weights([kernel + 1000.0, bias])
+model.save(sys.argv[1])
+"""
+
+
+def copy_run(source: Path, run: Path) -> Path:
+    """A run directory with `source`'s trained model and its exported bundles."""
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    return run
+
+
+def test_gate_refuses_an_int8_model_over_budget_and_keeps_float(tmp_path, fmnist_run, bundles):
+    run = copy_run(fmnist_run, tmp_path / "runs" / "fmnist")
+    subprocess.run([sys.executable, "-c", SPOIL_FOR_INT8, str(run / "best.keras")], check=True, capture_output=True)
+    result = run_pipeline("quantize", str(run), "--budget", "0", "--calibration-images", "100", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "int8 lost more than -5.0 points" in result.stderr.splitlines()[-1]
+    assert "int8 lost more than 0.0 points" in result.stderr.splitlines()[-1]
     assert "REJECTED" in result.stdout
     assert (run / "export" / "fmnist_float32.tflite").is_file()
-    assert not (run / "export" / "fmnist_int8.tflite").exists()
     assert json.loads((run / "quantize_report.json").read_text())["rejected"] == ["int8"]
+
+
+def test_stale_bundle_survives_a_failed_gate(tmp_path, fmnist_run, bundles, fmnist_images):
+    """The int8 bundle of an earlier model is set aside when the gate refuses the new one: `pipeline label`
+    (newest bundle) must not pick it as this model's."""
+    run = copy_run(fmnist_run, tmp_path / "runs" / "fmnist")
+    earlier_int8 = (run / "export" / "fmnist_int8.tflite").read_bytes()
+    subprocess.run([sys.executable, "-c", SPOIL_FOR_INT8, str(run / "best.keras")], check=True, capture_output=True)
+    result = run_pipeline("quantize", str(run), "--budget", "0", "--calibration-images", "100", check=False)
+    assert result.returncode == 1
+    assert not (run / "export" / "fmnist_int8.tflite").exists()
+    assert (run / "export" / "fmnist_int8.tflite.stale").read_bytes() == earlier_int8  # set aside, not lost
+    assert "fmnist_int8.tflite.stale" in result.stdout
+    label = run_pipeline("label", "--json", str(fmnist_images[0]), cwd=tmp_path)  # newest bundle under runs/
+    assert json.loads(label.stdout)["model"].endswith("fmnist_float32.tflite")
+
+
+@pytest.mark.parametrize(
+    "option", [("--calibration-images", "0"), ("--qat-epochs", "0"), ("--budget", "-1"), ("--num-threads", "0")]
+)
+def test_quantize_argument_errors_write_nothing(tmp_path, fmnist_run, bundles, option):
+    run = copy_run(fmnist_run, tmp_path / "fmnist")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = run_pipeline("quantize", str(run), "-q", "qat", *option, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert option[0] in result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_bundle_provenance_has_no_absolute_paths(fmnist_run, bundles, runs_dir):
+    for path in bundles.values():
+        metadata = read_bundle_metadata(path, read_model_file(path))
+        config = metadata["provenance"]["config"]
+        assert "runs_dir" not in config and "data_path" not in config
+        assert config["data"] == "fashion-mnist" and config["name"] == "fmnist"
+        assert str(runs_dir).encode() not in path.read_bytes()
+
+
+def test_quantize_waits_for_no_one_while_a_run_is_locked(tmp_path, fmnist_run, bundles):
+    """Two processes on one run directory: the second is refused, naming the first's PID."""
+    run = copy_run(fmnist_run, tmp_path / "fmnist")
+    with run_lock(run, "training"):
+        result = run_pipeline("quantize", str(run), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"in use by PID {os.getpid()}" in result.stderr
+    assert not (run / "export" / "fmnist_int8.tflite.stale").exists()
 
 
 @pytest.mark.slow
@@ -72,6 +138,8 @@ def test_image_folder_round_trip_with_qat(tmp_path):
     metadata = read_bundle_metadata(bundle, read_model_file(bundle))
     assert metadata["labels"] == ["blue_stripes", "green_discs", "red_squares"]
     assert metadata["input"]["channels"] == 3 and metadata["normalization"]["mean"] == 127.5
+    assert metadata["provenance"]["config"]["data"] == "shapes"  # the folder's name, not its path
+    assert str(tmp_path).encode() not in bundle.read_bytes()
     classifier = Classifier(bundle)
     assert classifier.input_dtype.name == "uint8" and (classifier.height, classifier.width) == (32, 32)
     image = next((root / "red_squares").glob("*.png"))

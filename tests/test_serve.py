@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from serve import BundleError, Classifier
-from serve.bundle import read_bundle_metadata, read_model_file
-from tests.conftest import ROOT, run_pipeline
+from serve.bundle import CHECKSUM_METADATA_NAME, metadata_entries, read_bundle_metadata, read_model_file
+from tests.conftest import PIPELINE, ROOT, run_pipeline
 from train.data import FASHION_MNIST_CLASSES
 
 LINE = re.compile(r"^(?P<label>.+) \((?P<index>\d+)\): (?P<score>\d\.\d{6})$")
@@ -203,3 +205,251 @@ print("HEAVY", heavy)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert LINE.match(result.stdout.splitlines()[0])
+
+
+def run_label(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`pipeline label ARGS`, given a minute: a command that hangs on a special file fails the test instead."""
+    command = [*PIPELINE, "label", *map(str, args)]
+    return subprocess.run(command, cwd=cwd or ROOT, capture_output=True, text=True, env=os.environ, timeout=60)
+
+
+def resigned(bundle: Path, folder: Path, document: dict | bytes, name: str = "edited.tflite") -> Path:
+    """A copy of `bundle` whose metadata is `document` (a dict as JSON, or raw bytes), signed: its checksum passes."""
+    from quantize.metadata import embed_metadata, embed_metadata_bytes
+
+    model = bundle.read_bytes()
+    edited = embed_metadata(model, document) if isinstance(document, dict) else embed_metadata_bytes(model, document)
+    (folder / name).write_bytes(edited)
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory) -> dict[str, Path]:
+    """Plain .tflite models (no bundle metadata), converted by TensorFlow from tiny functions."""
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("odd_models")
+    rng = np.random.default_rng(0)
+    dense = tf.constant(rng.normal(size=(28 * 28, 10)).astype(np.float32))
+    dense7 = tf.constant(rng.normal(size=(4 * 4 * 7, 3)).astype(np.float32))
+    functions = {
+        "4d_output": (lambda x: x * 2.0, [1, 28, 28, 1]),
+        "7_channels": (lambda x: tf.nn.softmax(tf.reshape(x, [-1, 4 * 4 * 7]) @ dense7), [1, 4, 4, 7]),
+        "batch_of_one": (lambda x: tf.nn.softmax(tf.reshape(x, [1, 28 * 28]) @ dense), [1, 28, 28, 1]),
+    }
+    models = {}
+    for name, (function, shape) in functions.items():
+        concrete = tf.function(function, input_signature=[tf.TensorSpec(shape, tf.float32)]).get_concrete_function()
+        models[name] = folder / f"{name}.tflite"
+        models[name].write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([concrete], None).convert())
+    return models
+
+
+# Finding 4: serve.Classifier breaks its promise.
+
+
+def test_empty_batch_is_a_value_error_and_the_classifier_keeps_working(bundles, fmnist_images):
+    classifier = Classifier(bundles["int8"])
+    expected = classifier.classify(fmnist_images[0])
+    with pytest.raises(ValueError, match="at least one image"):
+        classifier.predict(np.zeros((0, 28, 28, 1), np.uint8))
+    assert classifier.classify(fmnist_images[0]) == expected
+    assert classifier.classify_batch(fmnist_images[:3])[0] == expected
+
+
+def _without_input(metadata: dict) -> dict:
+    return {key: value for key, value in metadata.items() if key != "input"}
+
+
+MALFORMED_METADATA = {
+    "a list": (lambda m: b"[1, 2, 3]", "not a JSON object"),
+    "a string": (lambda m: b'"labels"', "not a JSON object"),
+    "deep nesting": (lambda m: b"[" * 100_000 + b"]" * 100_000, "unreadable bundle metadata"),
+    "bad utf-8": (lambda m: b'{"labels": ["\xff\xfe"]}', "unreadable bundle metadata"),
+    "not json": (lambda m: b'{"labels": [', "unreadable bundle metadata"),
+    "a 5000-digit number": (lambda m: b'{"x": ' + b"7" * 5000 + b"}", "unreadable bundle metadata"),
+    "labels with a number": (lambda m: {**m, "labels": m["labels"][:-1] + [9]}, "'labels' list of strings"),
+    "no input": (_without_input, "'input' height, width and channels"),
+    "input as a list": (lambda m: {**m, "input": [28, 28, 1]}, "'input' height, width and channels"),
+    "input huge": (lambda m: {**m, "input": {**m["input"], "height": 10**400}}, "'input' height"),
+    "input as text": (lambda m: {**m, "input": {**m["input"], "width": "28"}}, "'input' height"),
+    "input not the model's": (lambda m: {**m, "input": {**m["input"], "channels": 3}}, "says 28x28x3 input"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED_METADATA))
+def test_malformed_bundle_metadata_is_a_bundle_error(bundles, tmp_path, shape):
+    edit, problem = MALFORMED_METADATA[shape]
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    edited = resigned(bundles["int8"], tmp_path, edit(metadata))
+    with pytest.raises(BundleError, match=re.escape(problem)) as caught:
+        Classifier(edited)
+    assert str(caught.value).startswith(f"{edited}: ")
+
+
+def test_out_of_bounds_flatbuffer_offsets_are_a_bundle_error(bundles, tmp_path):
+    model = bytearray(bundles["int8"].read_bytes())
+    start, _ = metadata_entries(bytes(model))[CHECKSUM_METADATA_NAME]
+    model[start - 4 : start] = (0xFFFFFFF0).to_bytes(4, "little")  # the checksum's length: far past the end
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(model)
+    for verify_checksum in (True, False):
+        with pytest.raises(BundleError, match="corrupt TFLite flatbuffer"):
+            Classifier(broken, verify_checksum=verify_checksum)
+
+
+def test_model_with_a_4d_output_is_refused_at_load(odd_models, fmnist_images):
+    model = odd_models["4d_output"]
+    with pytest.raises(BundleError, match=re.escape("its output has shape [1, 28, 28, 1], not [1, classes]")):
+        Classifier(model)
+    result = run_label(fmnist_images[0], fmnist_images[1], "-m", model)
+    assert_one_line_error(result, f"{model}: not an image classifier")
+    assert result.stdout == ""
+
+
+def test_seven_channel_model_is_blamed_not_the_image(odd_models, fmnist_images):
+    model = odd_models["7_channels"]
+    result = run_label(fmnist_images[0], "-m", model)
+    assert_one_line_error(result, f"{model}: takes 7-channel images; only 1 (grey) or 3 (RGB) are supported")
+    assert str(fmnist_images[0]) not in result.stderr
+
+
+def test_labels_given_as_a_string_are_refused(bundles, tmp_path):
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": "abcdefghij"})  # split: ten labels
+    with pytest.raises(BundleError, match="no 'labels' list of strings"):
+        Classifier(edited)
+
+
+def test_model_with_its_batch_fixed_to_one_classifies_batches(odd_models, fmnist_images):
+    classifier = Classifier(odd_models["batch_of_one"])  # a plain .tflite: no metadata, numbered labels
+    assert classifier.metadata is None and classifier.labels == [str(i) for i in range(10)]
+    one_by_one = [classifier.classify(path) for path in fmnist_images[:3]]
+    assert classifier.classify_batch(fmnist_images[:3]) == one_by_one
+    assert classifier.classify_batch(fmnist_images[3:5]) == [classifier.classify(p) for p in fmnist_images[3:5]]
+
+
+# The bundle checksum.
+
+
+def test_bundles_are_signed_and_a_changed_byte_is_refused(bundles, fmnist_images, tmp_path):
+    for path in bundles.values():
+        read_model_file(path)  # checks the checksum
+    changed = tmp_path / "changed.tflite"
+    changed.write_bytes(bundles["int8"].read_bytes().replace(b'"Trouser"', b'"Trousen"'))  # a label, in place
+    with pytest.raises(BundleError, match=f"^{re.escape(str(changed))}: corrupt bundle: checksum does not match$"):
+        Classifier(changed)
+    assert_one_line_error(run_label(fmnist_images[0], "-m", changed), "corrupt bundle: checksum does not match")
+    # Changed on purpose: loading it anyway is explicit.
+    assert Classifier(changed, verify_checksum=False).labels[1] == "Trousen"
+    result = run_label(fmnist_images[0], "-m", changed, "-k", "10", "--ignore-checksum")
+    assert "Trousen (1): " in result.stdout and result.returncode == 0
+
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(bundles["int8"].read_bytes()[:-1])
+    with pytest.raises(BundleError, match="corrupt bundle: checksum does not match"):
+        Classifier(truncated)
+    unsigned = tmp_path / "unsigned.tflite"  # as if written before bundles carried a checksum
+    unsigned.write_bytes(bundles["int8"].read_bytes().replace(CHECKSUM_METADATA_NAME.encode(), b"edge_pipeline.sha000"))
+    with pytest.raises(BundleError, match="no checksum"):
+        Classifier(unsigned)
+
+
+# Finding 5: special files.
+
+
+def test_label_refuses_dev_zero_as_model_or_labels(bundles, fmnist_images):
+    result = run_label(fmnist_images[0], "-m", "/dev/zero")
+    assert_one_line_error(result, "/dev/zero: is a character device, not a .tflite model")
+    result = run_label(fmnist_images[0], "-m", bundles["int8"], "-l", "/dev/zero")
+    assert_one_line_error(result, "/dev/zero: is a character device, not a labels file")
+
+
+def test_label_refuses_named_pipes_without_hanging(bundles, fmnist_images, tmp_path):
+    pipe = tmp_path / "pipe.tflite"
+    os.mkfifo(pipe)
+    assert_one_line_error(run_label(fmnist_images[0], "-m", pipe), f"{pipe}: is a named pipe, not a .tflite model")
+    result = run_label(fmnist_images[0], "-m", bundles["int8"], "-l", pipe)
+    assert_one_line_error(result, f"{pipe}: is a named pipe, not a labels file")
+    result = run_label(pipe, fmnist_images[0], "-m", bundles["int8"])
+    assert_one_line_error(result, f"{pipe}: is a named pipe, not an image")
+    assert sum(bool(LINE.match(line)) for line in result.stdout.splitlines()) == 5  # the other image is labelled
+
+
+def test_oversized_model_and_labels_files_are_refused_unread(bundles, fmnist_images, tmp_path):
+    huge = tmp_path / "huge.tflite"
+    with open(huge, "wb") as f:
+        f.truncate((1 << 30) + 1)  # sparse: no disk used, and nothing may read it all
+    assert_one_line_error(run_label(fmnist_images[0], "-m", huge), f"{huge}: larger than 1024 MiB")
+    labels = tmp_path / "labels.txt"
+    with open(labels, "wb") as f:
+        f.truncate((16 << 20) + 1)
+    result = run_label(fmnist_images[0], "-m", bundles["int8"], "-l", labels)
+    assert_one_line_error(result, f"{labels}: larger than 16 MiB, too large for a labels file")
+
+
+def test_newest_bundle_skips_dangling_symlinks_and_special_files(tmp_path, bundles, fmnist_images):
+    export = tmp_path / "runs" / "x" / "export"
+    export.mkdir(parents=True)
+    shutil.copy(bundles["int8"], export / "x_int8.tflite")
+    (export / "x_gone.tflite").symlink_to(tmp_path / "deleted.tflite")
+    (export / "x_folder.tflite").mkdir()
+    os.mkfifo(export / "x_pipe.tflite")  # the newest: it must not be opened
+    result = run_label(fmnist_images[0], "-k", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert LINE.match(result.stdout.strip())
+
+
+# Finding 6: output that lies.
+
+
+def test_label_names_with_control_characters_are_escaped(bundles, fmnist_images, tmp_path):
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    labels = ["T\nAnkle boot (9): 1.000000", "\x1b[31mred", "tab\there", "del\x7f", "nel\x85", "cr\r", "par\u2029"]
+    labels += ["靴", "Café", "plain"]
+    edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": labels})
+    strange = tmp_path / "a\nb (1): 0.5.png"
+    shutil.copy(fmnist_images[0], strange)
+    result = run_label(strange, fmnist_images[1], tmp_path / "gone\x1b.png", "-m", edited, "-k", "10")
+    escaped = ["T\\nAnkle boot (9): 1.000000", "\\x1b[31mred", "tab\\there", "del\\x7f", "nel\\x85", "cr\\r"]
+    escaped += ["par\\u2029", "靴", "Café", "plain"]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 22 and lines[0] == str(strange).replace("\n", "\\n") + ":"
+    assert sorted(LINE.match(line)["label"] for line in lines[1:11]) == sorted(escaped)
+    assert all(escaped[int(m["index"])] == m["label"] for m in map(LINE.match, lines[1:11]))
+    assert result.stderr == f"Error: {tmp_path}/gone\\x1b.png: no such file\n"
+    report = json.loads(run_label(strange, "-m", edited, "-k", "10", "--json").stdout)
+    assert sorted(p["label"] for p in report["results"][0]["predictions"]) == sorted(labels)
+
+
+@pytest.mark.parametrize("value", ["-3", "0"])
+def test_label_top_k_below_one_is_a_usage_error(bundles, fmnist_images, value):
+    result = run_label(fmnist_images[0], "-m", bundles["int8"], "-k", value)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"Invalid value for '-k' / '--top_k': {value} is not in the range x>=1" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-0.0", "-127.5", "nan", "inf"])
+def test_label_input_std_zero_is_a_usage_error(bundles, fmnist_images, value):
+    result = run_label(fmnist_images[0], "-m", bundles["float32"], "--input_std", value)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Invalid value for '--input_std'" in result.stderr
+    with pytest.raises(ValueError, match="input_std must be a positive finite number"):
+        Classifier(bundles["float32"], input_std=float(value))
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_label_num_threads_below_one_is_a_usage_error(bundles, fmnist_images, value):
+    result = run_label(fmnist_images[0], "-m", bundles["int8"], "--num_threads", value)
+    assert result.returncode == 2 and "Invalid value for '--num_threads'" in result.stderr
+
+
+def test_litert_info_line_is_silenced_and_other_stderr_lines_pass(bundles, fmnist_images, capfd):
+    from serve.classifier import LITERT_INFO_LINE, _without_litert_info
+
+    result = run_label(fmnist_images[0], "-m", bundles["int8"])
+    assert result.returncode == 0 and result.stderr == ""
+    with _without_litert_info():
+        os.write(2, LITERT_INFO_LINE + b"\nERROR: something LiteRT had to say\n")
+    err = capfd.readouterr().err
+    assert err == "ERROR: something LiteRT had to say\n"

@@ -5,12 +5,18 @@ Real processes throughout: npm installs LiteRT.js, `pipeline serve-web` serves a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,37 +61,72 @@ def chromium() -> str:
     return found
 
 
+@contextlib.contextmanager
+def serve_web(bundle, *options: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`pipeline serve-web` for `bundle` on a free port, in a real process: (its URL, the process)."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [*PIPELINE, "serve-web", "-m", str(bundle), "--port", "0", *options],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            first_line = server.stdout.readline()
+            url = re.search(r"http://\S+", first_line)
+            assert url, f"serve-web printed no URL: {first_line!r}\n{log_path.read_text()}"
+            yield url.group(0), server
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
 def page_results(chromium: str, bundle, images, tmp_path) -> dict:
     """Run `/?selftest=1` for `bundle` on `images` in headless Chromium; the JSON the page wrote."""
-    log_path = tmp_path / "serve-web.log"
-    log = open(log_path, "w")
-    server = subprocess.Popen(
-        [*PIPELINE, "serve-web", "-m", str(bundle), "--port", "0", *[f"--selftest={i}" for i in images]],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        first_line = server.stdout.readline()
-        url = re.search(r"http://\S+", first_line)
-        assert url, f"serve-web printed no URL: {first_line!r}\n{log_path.read_text()}"
+    selftest = [f"--selftest={i}" for i in images]
+    with serve_web(bundle, *selftest, log_path=tmp_path / "serve-web.log") as (url, _):
         with tempfile.TemporaryDirectory() as profile:
             page = subprocess.run(
                 # --dump-dom prints the page once it is idle: loaded, model run, #result written.
                 [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=60000"]
-                + ["--dump-dom", url.group(0) + "?selftest=1"],
+                + ["--dump-dom", url + "?selftest=1"],
                 capture_output=True,
                 text=True,
                 timeout=180,
             )
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
     result = re.search(r'<pre id="result">(.*?)</pre>', page.stdout, re.S)
     assert result and result.group(1), f"the page wrote no result:\n{page.stdout[-2000:]}\n{page.stderr[-2000:]}"
     return json.loads(result.group(1))
+
+
+def test_serve_web_leaks_no_provenance(bundles, runs_dir, litert_js, tmp_path):
+    """Anyone on the network can fetch what serve-web serves: no training config, no paths of this machine."""
+    with serve_web(bundles["int8"], log_path=tmp_path / "log") as (url, _):
+        bundle = json.loads(urllib.request.urlopen(url + "bundle.json", timeout=10).read())
+        model = urllib.request.urlopen(url + "model.tflite", timeout=10).read()
+    assert "provenance" not in bundle and bundle["labels"] and bundle["input"]["height"] == 28
+    assert str(runs_dir).encode() not in model
+
+
+def test_serve_web_idle_connections_pin_no_threads(bundles, litert_js, tmp_path):
+    """Idle connections do not each hold a thread, and clients that hang up print no traceback."""
+    log_path = tmp_path / "log"
+    with serve_web(bundles["int8"], log_path=log_path) as (url, server):
+        host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
+        time.sleep(1)
+        threads = len(os.listdir(f"/proc/{server.pid}/task"))
+        for connection in idle:
+            connection.close()
+        for _ in range(20):  # hang up halfway through the model, as a phone going out of range would
+            with socket.create_connection((host, int(port)), timeout=5) as hang_up:
+                hang_up.sendall(b"GET /model.tflite HTTP/1.1\r\nHost: x\r\n\r\n")
+                hang_up.recv(10)
+        answer = urllib.request.urlopen(url + "labels.json", timeout=30).read()
+    assert threads <= 16, f"{threads} threads for 100 idle connections"
+    assert json.loads(answer) == Classifier(bundles["int8"]).labels
+    assert "Traceback" not in log_path.read_text()
 
 
 @pytest.mark.parametrize("mode", ["int8", "float16", "float32"])

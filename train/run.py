@@ -12,6 +12,7 @@ Run directory (the contract later stages read):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -27,8 +28,9 @@ import tensorflow as tf
 import tf_keras as keras
 import yaml
 
+from pipeline.config import check_resume, load_config
 from serve import PipelineError
-from serve.atomic import atomic_path, write_atomic
+from serve.atomic import atomic_path, run_lock, write_atomic
 from train import distributed
 from train.data import Dataset, load_dataset
 from train.models import NORMALIZATION, build_model
@@ -68,17 +70,25 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     """Train the model `config` describes into its run directory and return that directory.
 
     Run by every worker of a Horovod job (or by one process alone): each trains on its own shard of the data,
-    and only rank 0 (the chief) reads and writes the run directory.
+    and only rank 0 (the chief) reads and writes the run directory, holding its lock throughout.
     """
     distributed.init(config["mixed_precision"])
-    chief = distributed.is_chief()
     run = run_dir(config)
-    start_epoch = _on_chief(lambda: _start_epoch(run, resume, exist_ok))
+    with contextlib.ExitStack() as lock:
+
+        def claim() -> int:
+            lock.enter_context(run_lock(run, "training"))
+            return _start_epoch(run, config, resume, exist_ok)
+
+        return _train(run, config, _on_chief(claim))
+
+
+def _train(run: Path, config: dict, start_epoch: int) -> Path:
+    chief = distributed.is_chief()
     previous = yaml.safe_load((run / "config.yaml").read_text()) if start_epoch and chief else None
-    data = load_dataset(config)  # before touching the run directory: bad data must not cost an old run
-    if chief and start_epoch == 0:
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
+    data = load_dataset(config)
+    if start_epoch:
+        _on_chief(lambda: _check_same_data(run, data))
     keras.utils.set_random_seed(config["seed"])
     tf.config.experimental.enable_op_determinism()
     # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
@@ -89,6 +99,9 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     _compile(model, config, steps_per_epoch, len(data.class_names))
     rngs = _dropout_rngs(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
+    if chief and start_epoch == 0:  # only now: a config, data or model that fails must not cost an old run
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
     history: list[dict] = []
     if start_epoch and chief:
         _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
@@ -178,12 +191,14 @@ def _shard_size(count: int) -> int:
     return count // distributed.size()
 
 
-def _start_epoch(run: Path, resume: bool, exist_ok: bool) -> int:
-    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok."""
+def _start_epoch(run: Path, config: dict, resume: bool, exist_ok: bool) -> int:
+    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok;
+    a resumed run must keep the settings that define it."""
     if resume:
         found = checkpoints(run)
         if not found:
             raise RunError(f"{run}: no complete checkpoint to resume from; start it without --resume")
+        check_resume(run, load_config(run / "config.yaml"), config)
         return found[-1][0]
     if run.exists() and any(run.iterdir()):
         if not exist_ok:
@@ -192,6 +207,16 @@ def _start_epoch(run: Path, resume: bool, exist_ok: bool) -> int:
                 "over, or --name for a new run"
             )
     return 0
+
+
+def _check_same_data(run: Path, data: Dataset) -> None:
+    """A resumed run must train on the images it started with: the same settings may name changed files."""
+    started = json.loads((run / "data.json").read_text())["fingerprint"]
+    if started != data.fingerprint:
+        raise RunError(
+            f"{run}: --resume cannot change the data ({data.source} changed since the run started: fingerprint "
+            f"{started[:12]} -> {data.fingerprint[:12]}); start a new run with --name"
+        )
 
 
 def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> None:

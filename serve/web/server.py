@@ -1,15 +1,21 @@
 """The phone-browser demo's server: the page, one bundle, its metadata and LiteRT.js. Standard library only.
 
-`pipeline serve-web` runs it. The page does the inference in the browser; this only hands out files.
+`pipeline serve-web` runs it. The page does the inference in the browser; this only hands out files, to any
+phone on the network: so it sends no provenance (training config, paths), answers with a bounded pool of
+threads, and drops connections that stay idle.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from serve.bundle import FlatBuffer, read_bundle_metadata, read_model_file
 from serve.errors import BundleError, PipelineError
@@ -23,6 +29,9 @@ _SUBGRAPH_TENSORS = 0
 _TENSOR_SHAPE = 0
 _TENSOR_SHAPE_SIGNATURE = 7
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".wasm": "application/wasm"}
+WORKER_THREADS = 8  # connections served at once
+WAITING_CONNECTIONS = 64  # accepted connections queued for a thread; beyond that new ones are closed at once
+IDLE_TIMEOUT_SECONDS = 10  # a connection that sends nothing for this long is closed
 
 
 def check_litert() -> None:
@@ -59,7 +68,42 @@ def with_fixed_shapes(model: bytes) -> bytes:
     return bytes(patched)
 
 
-def make_server(model_path: str, host: str, port: int, selftest_images: list[str] = ()) -> ThreadingHTTPServer:
+class PooledHTTPServer(HTTPServer):
+    """An HTTPServer that hands connections to a fixed pool of threads. The standard ThreadingHTTPServer starts
+    a thread per connection, so idle connections alone could pin any number of threads."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="serve-web")
+        self._slots = threading.BoundedSemaphore(WORKER_THREADS + WAITING_CONNECTIONS)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # overloaded: the browser retries
+            return
+        self._pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request: socket.socket, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that goes away mid-answer is normal on a phone; anything else is one line, no traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"serve-web: {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_server(model_path: str, host: str, port: int, selftest_images: list[str] = ()) -> PooledHTTPServer:
     """A server for `model_path`. `/selftest.json` holds the input tensors serve makes of `selftest_images`,
     flattened, for `/?selftest=1`: the browser's canvas resamples differently, so a comparison starts there."""
     check_litert()
@@ -67,9 +111,10 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
     metadata = read_bundle_metadata(model_path, model)
     if metadata is None:
         raise BundleError(f"{model_path}: not an edge-pipeline bundle (no metadata); the page needs one")
+    public = {key: value for key, value in metadata.items() if key != "provenance"}
     files = {
         "/model.tflite": (with_fixed_shapes(model), "application/octet-stream"),
-        "/bundle.json": (json.dumps(metadata).encode(), "application/json"),
+        "/bundle.json": (json.dumps(public).encode(), "application/json"),
         "/labels.json": (json.dumps(metadata.get("labels", [])).encode(), "application/json"),
     }
     if selftest_images:
@@ -82,6 +127,8 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
         files["/selftest.json"] = (json.dumps({"inputs": inputs}).encode(), "application/json")
 
     class Handler(BaseHTTPRequestHandler):  # GET only; other methods get 501
+        timeout = IDLE_TIMEOUT_SECONDS  # on the socket: a silent or stalled client is dropped
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in files:
@@ -112,6 +159,6 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
             self.wfile.write(body)
 
     try:
-        return ThreadingHTTPServer((host, port), Handler)
+        return PooledHTTPServer((host, port), Handler)
     except OSError as err:
         raise PipelineError(f"{host}:{port}: cannot listen ({err.strerror})") from None

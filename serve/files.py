@@ -1,0 +1,55 @@
+"""Reading the user's files: regular files only, of a bounded size, so /dev/zero, a named pipe or a huge file
+is a one-line error instead of a hang or a process that runs out of memory."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from serve.errors import PipelineError
+
+MiB = 1 << 20
+
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_regular_file(path: str, limit: int, kind: str, error: type[PipelineError]) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes; else `error("<path>: <problem>")`.
+
+    `kind` says what the file should be, e.g. "an image". Special files are refused from their stat, before
+    they are opened: opening a named pipe would wait for a writer, and opening some devices has effects.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror})") from None
+    _check(path, info, limit, kind, error)
+    try:
+        # O_NONBLOCK: should a named pipe replace the file after the stat, opening it still returns at once.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror})") from None
+    with open(fd, "rb") as f:
+        _check(path, os.fstat(fd), limit, kind, error)
+        try:
+            data = f.read(limit + 1)  # a file growing meanwhile is still cut off at the limit
+        except OSError as err:
+            raise error(f"{path}: cannot read ({err.strerror})") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit // MiB} MiB, too large for {kind}")
+    return data
+
+
+def _check(path: str, info: os.stat_result, limit: int, kind: str, error: type[PipelineError]) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: is {_FILE_TYPES.get(stat.S_IFMT(info.st_mode), 'a special file')}, not {kind}")
+    if info.st_size > limit:
+        raise error(f"{path}: larger than {limit // MiB} MiB, too large for {kind}")
