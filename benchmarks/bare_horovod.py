@@ -5,16 +5,20 @@
 Rank 0 writes the wall time of model.fit (validation included, as in the pipeline) to OUT.json.
 """
 
-import argparse  # noqa: I001  (train must come before TensorFlow: it selects Keras 2)
+import argparse
 import json
+import os
 import time
 
 import numpy as np
 
-import train  # noqa: F401
+# As a user would: Keras 2 for Horovod (with Keras 3 its optimizer does not allreduce), and quiet C++ logs.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
 import tf_keras as keras
+
 from train.data import cap_per_class, find_fashion_mnist, read_fashion_mnist
 from train.models import build_model
 

@@ -1,5 +1,8 @@
-"""The `pipeline` command. Heavy modules (TensorFlow) are imported inside the commands that need them,
-so `pipeline --help` and `pipeline label` stay fast (even pathlib waits: it costs ~10 ms at start-up)."""
+"""The `pipeline` command: parses options and calls the library (pipeline.jobs, train, serve).
+
+Heavy modules (TensorFlow) are imported inside the commands that need them, so `pipeline --help` and
+`pipeline label` stay fast (even pathlib waits: it costs ~10 ms at start-up).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,7 @@ import sys
 import click
 
 from quantize import MODES
-from serve import PipelineError
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from serve.errors import PipelineError
 
 
 def main() -> None:
@@ -58,10 +59,28 @@ def cli() -> None:
     """
 
 
-def _config_file(value: str) -> str:
-    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder, transfer)."""
-    named = os.path.join(CONFIG_DIR, f"{value}.yaml")
-    return named if not os.path.exists(value) and os.path.isfile(named) else value
+# Options that several commands share.
+model_file_option = click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
+latency_threads_option = click.option(
+    "--num-threads",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Interpreter threads for the latency figures.",
+)
+
+
+def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
+    return click.option(
+        "-q",
+        "--mode",
+        "modes",
+        multiple=True,
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        help=help,
+    )
 
 
 @cli.command()
@@ -139,44 +158,32 @@ def train(
     Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
     or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
     """
-    from pipeline.config import check_resume, load_config, parse_override
+    from pipeline.config import config_file_path, parse_override, train_config
 
-    values = dict(parse_override(text) for text in overrides)
-    for key, value in (
-        ("data", data),
-        ("model", model),
-        ("epochs", epochs),
-        ("batch_size", batch_size),
-        ("name", name),
-        ("compression", compression),
-        ("pretrained", pretrained),
-    ):
-        if value is not None:
-            values[key] = value
     if hosts and not workers:
         raise click.UsageError("--hosts needs --workers")
-    if resume:
-        if config_path is not None:
-            raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
-        base = load_config(None, {k: v for k, v in values.items() if k in ("name", "runs_dir")})
-        run = os.path.join(base["runs_dir"], base["name"])
-        config = load_config(os.path.join(run, "config.yaml"), values)
-        check_resume(run, load_config(os.path.join(run, "config.yaml")), config)  # here: before TensorFlow loads
-    else:
-        config = load_config(_config_file(config_path or "fashion_mnist"), values)
+    if resume and config_path is not None:
+        raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
+    values = dict(parse_override(text) for text in overrides)
+    options = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, name=name, compression=compression)
+    values |= {key: value for key, value in (options | {"pretrained": pretrained}).items() if value is not None}
+    config = train_config(config_path, values, resume=resume)  # checked here, before any worker starts
 
     if workers:
         from train.launch import run_workers
 
-        # Each worker resolves the same config file and overrides (checked above), so all train the same thing.
+        # Each worker resolves the same config file and overrides, so all train the same thing.
         args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
         if not resume:
-            args += ["--config", _config_file(config_path or "fashion_mnist")]
+            args += ["--config", config_file_path(config_path)]
         for key, value in values.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         run_workers(workers, hosts, args, worker_timeout)
         return
 
+    from pipeline.tensorflow_env import prepare
+
+    prepare()
     from train.run import train as run_training
 
     run_training(config, resume=resume, exist_ok=exist_ok)
@@ -184,16 +191,7 @@ def train(
 
 @cli.command()
 @click.argument("run_dir")
-@click.option(
-    "-q",
-    "--mode",
-    "modes",
-    multiple=True,
-    type=click.Choice(MODES),
-    default=["int8"],
-    show_default=True,
-    help="Bundle(s) to make (repeatable). A float32 bundle is always made as the reference.",
-)
+@modes_option(MODES, ("int8",), "Bundle(s) to make (repeatable). A float32 bundle is always made as the reference.")
 @click.option(
     "--calibration-images",
     type=click.IntRange(1),
@@ -211,13 +209,7 @@ def train(
 @click.option(
     "--qat-epochs", type=click.IntRange(1), default=2, show_default=True, help="Fine-tuning epochs for --mode qat."
 )
-@click.option(
-    "--num-threads",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Interpreter threads for the latency figures.",
-)
+@latency_threads_option
 def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_threads) -> None:
     """Export bundles from a run: int8 (post-training), qat, float16, float32.
 
@@ -226,36 +218,16 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
     --budget points of top-1 accuracy on held-out data; an older bundle of that mode is then renamed
     to *.tflite.stale, so that nothing picks it up as this model's.
     """
-    from pathlib import Path
+    from pipeline.jobs import quantize_run
 
-    from pipeline.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise PipelineError(f"{run_dir}: not a run directory (no config.yaml); train one with pipeline train")
-    config = load_config(run_dir / "config.yaml")
-
-    from quantize.export import QuantizeData, export_bundles
-    from serve.atomic import run_lock
-    from train.data import load_dataset, stratified_sample
-
-    with run_lock(run_dir, "quantizing"):
-        data = load_dataset(config)
-        calibration = data.train_x[stratified_sample(data.train_y, calibration_images, config["seed"])]
-        held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
-        report = export_bundles(
-            run_dir,
-            QuantizeData(data.class_names, calibration, *held_out, data.train_x, data.train_y),
-            list(modes),
-            budget,
-            qat_epochs,
-            num_threads,
-        )
-    if report["rejected"]:
-        raise PipelineError(
-            f"{run_dir}: {', '.join(report['rejected'])} lost more than {budget} points of top-1 accuracy; "
-            "bundle not written (try --mode qat, more --calibration-images, or a larger --budget)"
-        )
+    quantize_run(
+        run_dir,
+        modes=modes,
+        calibration_images=calibration_images,
+        budget=budget,
+        qat_epochs=qat_epochs,
+        num_threads=num_threads,
+    )
 
 
 def newest_bundle(runs_dir: str = "runs") -> str:
@@ -303,11 +275,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @cli.command()
 @click.argument("images", nargs=-1)
 @click.option("-i", "--image", "more_images", multiple=True, help="An image to label (label_image's flag).")
-@click.option(
-    "-m",
-    "--model_file",
-    help="A .tflite bundle. Default: the newest bundle under runs/.",
-)
+@model_file_option
 @click.option(
     "-l",
     "--label_file",
@@ -396,35 +364,26 @@ def samples(count, out, data_path) -> None:
 
     File names carry the true class: 0000_ankle_boot.png.
     """
-    from pathlib import Path
+    from pipeline.jobs import write_fashion_mnist_samples
 
-    from PIL import Image
-
-    from train.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_fashion_mnist
-
-    images, labels = read_fashion_mnist(find_fashion_mnist(data_path), "test")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(min(count, len(images))):
-        slug = FASHION_MNIST_CLASSES[labels[i]].lower().replace("/", "_").replace(" ", "_").replace("-", "_")
-        path = out / f"{i:04d}_{slug}.png"
-        Image.fromarray(images[i]).save(path)
+    for path in write_fashion_mnist_samples(count=count, out=out, data_path=data_path):
         click.echo(path)
+
+
+def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
+    from pipeline.config import inside_runs_dir
+
+    if not inside_runs_dir(name, "runs"):
+        raise click.BadParameter(f"{name!r}: must name a directory inside runs/ (no '/', no leading '.')")
+    return name
 
 
 @cli.command()
 @click.argument("model_name", type=click.Choice(["efficientnet-lite0"]))
-@click.option("--name", default="efficientnet_lite0", show_default=True, help="Run name: runs/<name>/.")
 @click.option(
-    "-q",
-    "--mode",
-    "modes",
-    multiple=True,
-    type=click.Choice(["int8", "float16", "float32"]),
-    default=["int8", "float16"],
-    show_default=True,
-    help="Bundles to make besides float32 (repeatable).",
+    "--name", default="efficientnet_lite0", show_default=True, callback=_run_name, help="Run name: runs/<name>/."
 )
+@modes_option(("int8", "float16", "float32"), ("int8", "float16"), "Bundles to make besides float32 (repeatable).")
 @click.option(
     "--calibration",
     "calibration_dirs",
@@ -432,13 +391,7 @@ def samples(count, out, data_path) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
 )
-@click.option(
-    "--num-threads",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Interpreter threads for the latency figures.",
-)
+@latency_threads_option
 def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
 
@@ -447,38 +400,13 @@ def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     public-domain photos inside scikit-image's and matplotlib's wheels (and on your --calibration folders);
     the report compares each bundle with float32 on the whole photos.
     """
-    from pathlib import Path
+    from pipeline.jobs import export_pretrained
 
-    import numpy as np
-
-    from pipeline.config import inside_runs_dir
-
-    if not inside_runs_dir(name, "runs"):
-        raise click.BadParameter(
-            f"{name!r}: must name a directory inside runs/ (no '/', no leading '.')", param_hint="--name"
-        )
-
-    from quantize.export import QuantizeData, export_bundles
-    from serve import IMAGE_EXTENSIONS, to_pixels
-    from serve.atomic import run_lock
-    from train.pretrained import INPUT_SIZE, create_run, imagenet_labels, photo_views, sample_photos
-
-    run = Path("runs") / name
-    with run_lock(run, "exporting"):
-        create_run(run)
-        photos = sample_photos()
-        calibration = photo_views(photos, INPUT_SIZE)
-        own = [p for d in calibration_dirs for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if own:
-            own_pixels = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in own])
-            calibration = np.concatenate([calibration, own_pixels])
-        whole_photos = np.stack([to_pixels(p, INPUT_SIZE, INPUT_SIZE, 3) for p in photos])
-        data = QuantizeData(imagenet_labels(), calibration, whole_photos, None, "sample photo", None, None)
-        export_bundles(run, data, list(modes), float("inf"), 0, num_threads)
+    export_pretrained(name=name, modes=modes, calibration_dirs=calibration_dirs, num_threads=num_threads)
 
 
 @cli.command("serve-web")
-@click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
+@model_file_option
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free one).")
 @click.option(
     "--host",

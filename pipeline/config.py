@@ -6,7 +6,12 @@ from pathlib import Path
 
 import yaml
 
-from serve import PipelineError
+from serve.errors import PipelineError
+from train.rundir import check_resume
+
+# The named configs: `--config fashion_mnist` is configs/fashion_mnist.yaml.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "fashion_mnist"
 
 # Every training setting, with its default. A config file or `--set key=value` may change any of them.
 DEFAULTS: dict = {
@@ -34,26 +39,6 @@ DEFAULTS: dict = {
     "keep_checkpoints": 3,  # per-epoch checkpoints kept (the best model is kept apart)
     "seed": 42,
 }
-
-
-# What a run is: its data and split, its model and its loss. `--resume` refuses to change these; the others
-# (epochs, learning_rate, fine_tune_blocks, batch_size, ...) only say how training goes on.
-RUN_DEFINING = (
-    "data",
-    "data_path",
-    "max_images_per_class",
-    "val_fraction",
-    "seed",
-    "model",
-    "input_size",
-    "channels",
-    "width",
-    "dropout",
-    "pretrained",
-    "augment",
-    "label_smoothing",
-    "mixed_precision",
-)
 
 
 class ConfigError(PipelineError):
@@ -84,6 +69,25 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
         _update(config, loaded, str(path))
     _update(config, overrides or {}, "command line")
     return validate(config)
+
+
+def config_file_path(value: str | None) -> str:
+    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder, transfer)."""
+    value = value or DEFAULT_CONFIG
+    named = CONFIG_DIR / f"{value}.yaml"
+    return str(named) if not Path(value).exists() and named.is_file() else value
+
+
+def train_config(config_path: str | None, overrides: dict, resume: bool = False) -> dict:
+    """The config `pipeline train` runs: a config file (a path or a name in configs/) with the overrides; or,
+    to resume, the run's own config.yaml with the overrides, which may not change what defines the run."""
+    if not resume:
+        return load_config(config_file_path(config_path), overrides)
+    where = load_config(None, {key: value for key, value in overrides.items() if key in ("name", "runs_dir")})
+    run = Path(where["runs_dir"]) / where["name"]
+    config = load_config(run / "config.yaml", overrides)
+    check_resume(run, load_config(run / "config.yaml"), config)
+    return config
 
 
 def _update(config: dict, values: dict, source: str) -> None:
@@ -170,12 +174,3 @@ def inside_runs_dir(name: object, runs_dir: str) -> bool:
         return False
     runs = Path(runs_dir).resolve()
     return (runs / name).resolve() == runs / name  # not a symlink to elsewhere
-
-
-def check_resume(run: str | Path, previous: dict, config: dict) -> None:
-    """Refuse a resume of the run whose config was `previous` that would change what the run is."""
-    for key in RUN_DEFINING:
-        if previous[key] != config[key]:
-            raise ConfigError(
-                f"{run}: --resume cannot change {key} ({previous[key]} -> {config[key]}); start a new run with --name"
-            )

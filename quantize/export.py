@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import yaml
 from quantize import QUANTIZED_MODES
 from quantize.convert import quantization_aware, to_tflite
 from quantize.metadata import embed_metadata
-from serve import Classifier, PipelineError
-from serve.atomic import write_atomic
+from quantize.tflite_internals import check_version
+from serve.classifier import Classifier
+from serve.errors import PipelineError
+from serve.files import write_atomic
 
 BUNDLE_FORMAT_VERSION = 1
 LATENCY_RUNS = 100
@@ -28,17 +31,17 @@ class QuantizeError(PipelineError):
     """A run directory that cannot be quantised."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuantizeData:
-    """What quantisation needs from the run's data (loaded by the caller through train's data module)."""
+    """What quantisation needs from the run's data, assembled by the caller (pipeline/jobs.py)."""
 
     class_names: list[str]
-    calibration: np.ndarray  # uint8 images from the training split
-    eval_x: np.ndarray  # held-out images for the accuracy gate
-    eval_y: np.ndarray | None  # None for a model without labelled data: fidelity to float32 only
-    eval_split: str  # "test" or "val"
-    train_x: np.ndarray | None  # for QAT fine-tuning
-    train_y: np.ndarray | None
+    calibration: np.ndarray  # uint8 images that set the int8 activation ranges
+    eval_x: np.ndarray  # held-out uint8 images: accuracy gate, fidelity to float32, latency
+    eval_y: np.ndarray | None  # their labels; None (the pretrained export): fidelity to float32 only, no gate
+    eval_split: str  # what eval_x is, named in the report: "test", "val" or "sample photos"
+    train_x: np.ndarray | None = None  # the training split, for QAT fine-tuning only
+    train_y: np.ndarray | None = None
 
 
 def bundle_path(run: Path, mode: str) -> Path:
@@ -46,86 +49,46 @@ def bundle_path(run: Path, mode: str) -> Path:
 
 
 def export_bundles(
-    run: Path, data: QuantizeData, modes: list[str], budget: float, qat_epochs: int, num_threads: int
+    run: Path, data: QuantizeData, *, modes: Sequence[str], budget: float, qat_epochs: int, num_threads: int
 ) -> dict:
     """Write a float32 bundle and one bundle per mode into run/export/, and the report into run/.
 
-    A quantised bundle whose top-1 accuracy drops more than `budget` points below float32 is not
-    written; the report says so and `report["rejected"]` lists it.
+    Each bundle is run by serve's Classifier on `data.eval_x` and compared with float32. A quantised bundle
+    whose top-1 accuracy drops more than `budget` points below float32 is not written (an older bundle of
+    that mode is set aside); the report says so and `report["rejected"]` lists it.
     """
+    check_version(tf.__version__)  # before anything is written: embedding the metadata needs a supported release
+    if "qat" in modes and (data.train_x is None or data.train_y is None):
+        raise QuantizeError(f"{run}: mode qat fine-tunes on the training split, and none was given (train_x, train_y)")
     config, summary = _read_run(run)
     model = keras.models.load_model(run / "best.keras", compile=False)
     base = _base_metadata(run, config, summary, data)
     write_atomic(run / "export" / "labels.txt", "\n".join(data.class_names) + "\n")
 
     results: dict[str, dict] = {}
-    reference = None
+    reference = None  # float32's scores, converted first: every bundle is compared with them
     for mode in ["float32"] + [m for m in dict.fromkeys(modes) if m != "float32"]:
-        started = time.time()
         print(f"{mode}: converting", flush=True)
-        source = model
-        if mode == "qat":
-            # Fine-tuning, so a tenth of the training rate.
-            source = quantization_aware(
-                model,
-                data.train_x,
-                data.train_y,
-                qat_epochs,
-                int(config["batch_size"]),
-                float(config["learning_rate"]) / 10,
-                int(config["seed"]),
-            )
-        flat = to_tflite(source, mode, data.calibration)
+        started = time.time()
+        flat = convert(model, mode, data, config, qat_epochs)
+        convert_seconds = round(time.time() - started, 1)
         metadata = {**base, "quantization": mode}
-        metrics, scores, io_spec = _evaluate(run, embed_metadata(flat, metadata), data, num_threads, reference)
-        if mode == "float32":
-            reference = scores
+        classifier = Classifier(embed_metadata(flat, metadata), num_threads=num_threads)
+        metrics, scores = evaluate(classifier, data, reference)
+        reference = scores if reference is None else reference
         metrics["size_bytes"] = len(flat)
-        metrics["convert_seconds"] = round(time.time() - started, 1)
+        metrics["convert_seconds"] = convert_seconds
         results[mode] = metrics
-        gated = mode in QUANTIZED_MODES and data.eval_y is not None
-        drop = 100 * (results["float32"]["top1"] - metrics["top1"]) if gated else 0.0
-        metrics["top1_drop_points"] = round(drop, 3)
-        metrics["accepted"] = not gated or drop <= budget
+        gate(metrics, mode, results["float32"], data, budget)
         if metrics["accepted"]:
-            metadata.update(io_spec)
-            metadata["metrics"] = {"float32": _public(results["float32"]), mode: _public(metrics)}
-            write_atomic(bundle_path(run, mode), embed_metadata(flat, metadata))
-            metrics["bundle"] = str(bundle_path(run, mode))
+            metrics["bundle"] = str(write_bundle(run, mode, flat, metadata, classifier, results))
         else:
             _set_aside_previous(bundle_path(run, mode))
 
-    report = {
-        "run": str(run),
-        "eval_split": data.eval_split,
-        "eval_images": len(data.eval_x),
-        "calibration_images": len(data.calibration),
-        "budget_points": budget,
-        "num_threads": num_threads,
-        "bundles": results,
-        "rejected": [mode for mode, m in results.items() if not m["accepted"]],
-    }
+    report = make_report(run, data, budget, num_threads, results)
     write_atomic(run / "quantize_report.json", json.dumps(report, indent=2))
     print(format_report(report))
     return report
-
-
-def _set_aside_previous(bundle: Path) -> None:
-    """A bundle of the mode just refused was made from an earlier model: left in place, `pipeline label`
-    (newest bundle) could still pick it. Renamed, not deleted, and without the .tflite suffix."""
-    if bundle.exists():
-        stale = bundle.with_name(bundle.name + ".stale")
-        bundle.replace(stale)
-        print(f"moved the previous {bundle.name} aside to {stale} (it was made from an earlier model)", flush=True)
-
-
-def public_config(config: dict) -> dict:
-    """The training config as a bundle may show it to anyone: no absolute paths of the training machine.
-    The data is named by its folder's name (its fingerprint identifies it)."""
-    shown = {key: value for key, value in config.items() if key not in ("data_path", "runs_dir")}
-    if isinstance(shown.get("data"), str) and shown["data"] != "fashion-mnist":
-        shown["data"] = Path(shown["data"]).name
-    return shown
 
 
 def _read_run(run: Path) -> tuple[dict, dict]:
@@ -172,30 +135,40 @@ def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -
     }
 
 
-def _evaluate(
-    run: Path, bundle: bytes, data: QuantizeData, num_threads: int, reference: np.ndarray | None
-) -> tuple[dict, np.ndarray, dict]:
+def public_config(config: dict) -> dict:
+    """The training config as a bundle may show it to anyone: no absolute paths of the training machine.
+    The data is named by its folder's name (its fingerprint identifies it)."""
+    shown = {key: value for key, value in config.items() if key not in ("data_path", "runs_dir")}
+    if isinstance(shown.get("data"), str) and shown["data"] != "fashion-mnist":
+        shown["data"] = Path(shown["data"]).name
+    return shown
+
+
+def convert(model, mode: str, data: QuantizeData, config: dict, qat_epochs: int) -> bytes:
+    """The TFLite flatbuffer of `model` in `mode`; for "qat", of a copy fine-tuned quantisation-aware first."""
+    if mode == "qat":
+        model = quantization_aware(
+            model,
+            data.train_x,
+            data.train_y,
+            qat_epochs,
+            int(config["batch_size"]),
+            float(config["learning_rate"]) / 10,  # fine-tuning, so a tenth of the training rate
+            int(config["seed"]),
+        )
+    return to_tflite(model, mode, data.calibration)
+
+
+def evaluate(classifier: Classifier, data: QuantizeData, reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """Accuracy (with labels), fidelity to float32's scores `reference` (top-1 agreement, top-5 overlap,
-    probability error) and latency of one bundle, run by serve's Classifier.
-    Returns (metrics, scores, input/output spec)."""
-    tmp = run / "export" / ".evaluating.tflite"
-    write_atomic(tmp, bundle)
-    try:
-        classifier = Classifier(tmp, num_threads=num_threads)
-        latencies = []
-        for i in range(LATENCY_RUNS + 5):
-            image = data.eval_x[i % len(data.eval_x)][None]
-            started = time.perf_counter()
-            classifier.predict(image)
-            latencies.append(time.perf_counter() - started)
-        scores = np.concatenate([classifier.predict(data.eval_x[i : i + 256]) for i in range(0, len(data.eval_x), 256)])
-        io_spec = {
-            "input_dtype": classifier.input_dtype.name,
-            "input_quantization": dict(zip(("scale", "zero_point"), classifier.input_quantization)),
-            "output_quantization": dict(zip(("scale", "zero_point"), classifier.output_quantization)),
-        }
-    finally:
-        tmp.unlink(missing_ok=True)
+    probability error; None: this is float32) and latency of one bundle. Returns (metrics, scores)."""
+    latencies = []
+    for i in range(LATENCY_RUNS + 5):  # the first 5 warm up
+        image = data.eval_x[i % len(data.eval_x)][None]
+        started = time.perf_counter()
+        classifier.predict(image)
+        latencies.append(time.perf_counter() - started)
+    scores = np.concatenate([classifier.predict(data.eval_x[i : i + 256]) for i in range(0, len(data.eval_x), 256)])
     reference = scores if reference is None else reference
     top5, reference_top5 = np.argsort(-scores, axis=1)[:, :5], np.argsort(-reference, axis=1)[:, :5]
     labelled, five = data.eval_y is not None, scores.shape[1] > 5
@@ -208,12 +181,59 @@ def _evaluate(
         "mean_probability_error": float(np.abs(scores - reference).mean()),
         "latency_ms": round(1000 * float(np.median(latencies[5:])), 4),
     }
-    return metrics, scores, io_spec
+    return metrics, scores
+
+
+def gate(metrics: dict, mode: str, float32: dict, data: QuantizeData, budget: float) -> None:
+    """Record in `metrics` the top-1 drop from float32 and whether the bundle is accepted: a quantised bundle
+    may lose at most `budget` points; without labels nothing is gated."""
+    gated = mode in QUANTIZED_MODES and data.eval_y is not None
+    drop = 100 * (float32["top1"] - metrics["top1"]) if gated else 0.0
+    metrics["top1_drop_points"] = round(drop, 3)
+    metrics["accepted"] = not gated or drop <= budget
+
+
+def write_bundle(run: Path, mode: str, flat: bytes, metadata: dict, classifier: Classifier, results: dict) -> Path:
+    """Write the accepted bundle: the evaluated model with its input/output spec and its metrics (and
+    float32's) added to the metadata, signed again."""
+    metadata = {
+        **metadata,
+        "input_dtype": classifier.input_dtype.name,
+        "input_quantization": dict(zip(("scale", "zero_point"), classifier.input_quantization)),
+        "output_quantization": dict(zip(("scale", "zero_point"), classifier.output_quantization)),
+        "metrics": {"float32": _public(results["float32"]), mode: _public(results[mode])},
+    }
+    path = bundle_path(run, mode)
+    write_atomic(path, embed_metadata(flat, metadata))
+    return path
 
 
 def _public(metrics: dict) -> dict:
     keys = ("top1", "top5", "agreement", "top5_overlap", "max_probability_error", "latency_ms", "size_bytes")
     return {k: metrics[k] for k in keys}
+
+
+def _set_aside_previous(bundle: Path) -> None:
+    """A bundle of the mode just refused was made from an earlier model: left in place, `pipeline label`
+    (newest bundle) could still pick it. Renamed, not deleted, and without the .tflite suffix."""
+    if bundle.exists():
+        stale = bundle.with_name(bundle.name + ".stale")
+        bundle.replace(stale)
+        print(f"moved the previous {bundle.name} aside to {stale} (it was made from an earlier model)", flush=True)
+
+
+def make_report(run: Path, data: QuantizeData, budget: float, num_threads: int, results: dict) -> dict:
+    """The report written to quantize_report.json: every bundle's metrics, and which modes were rejected."""
+    return {
+        "run": str(run),
+        "eval_split": data.eval_split,
+        "eval_images": len(data.eval_x),
+        "calibration_images": len(data.calibration),
+        "budget_points": budget,
+        "num_threads": num_threads,
+        "bundles": results,
+        "rejected": [mode for mode, m in results.items() if not m["accepted"]],
+    }
 
 
 def format_report(report: dict) -> str:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-from tensorflow.lite.python import schema_py_generated as schema
-from tensorflow.lite.tools import flatbuffer_utils
-
-from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME, CHECKSUM_PLACEHOLDER, sign_bundle
+from quantize.tflite_internals import replace_metadata
+from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME, CHECKSUM_PLACEHOLDER, bundle_digest
+from serve.tflite_flatbuffer import read_model_metadata
 
 
 def embed_metadata(model: bytes, metadata: dict) -> bytes:
@@ -19,20 +17,14 @@ def embed_metadata(model: bytes, metadata: dict) -> bytes:
 
 def embed_metadata_bytes(model: bytes, document: bytes) -> bytes:
     """`embed_metadata` with the document's bytes given as they are (tests give it malformed ones)."""
-    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-    ours = (BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME)
-    tree.metadata = [entry for entry in (tree.metadata or []) if _name(entry) not in ours]
     # The checksum goes in as a placeholder; once the flatbuffer is laid out, sign_bundle writes it in place.
-    for name, data in ((BUNDLE_METADATA_NAME, document), (CHECKSUM_METADATA_NAME, CHECKSUM_PLACEHOLDER)):
-        buffer = schema.BufferT()
-        buffer.data = np.frombuffer(data, dtype=np.uint8)
-        tree.buffers.append(buffer)
-        entry = schema.MetadataT()
-        entry.name = name
-        entry.buffer = len(tree.buffers) - 1
-        tree.metadata.append(entry)
-    return sign_bundle(bytes(flatbuffer_utils.convert_object_to_bytearray(tree)))
+    entries = {BUNDLE_METADATA_NAME: document, CHECKSUM_METADATA_NAME: CHECKSUM_PLACEHOLDER}
+    return sign_bundle(replace_metadata(model, entries))
 
 
-def _name(entry) -> str:
-    return entry.name.decode() if isinstance(entry.name, bytes) else entry.name
+def sign_bundle(model: bytes) -> bytes:
+    """`model`, whose CHECKSUM_METADATA_NAME entry holds 64 placeholder bytes, with its checksum written there."""
+    start, length = read_model_metadata(model)[CHECKSUM_METADATA_NAME]
+    if length != len(CHECKSUM_PLACEHOLDER):
+        raise ValueError(f"the {CHECKSUM_METADATA_NAME} entry holds {length} bytes, not 64")
+    return model[:start] + bundle_digest(model, start).encode("ascii") + model[start + length :]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from serve.bundle import read_bundle_metadata, read_labels, read_model_file
+from serve.bundle import check_model, read_bundle_metadata, read_labels, read_model_file
 from serve.errors import BundleError
 from serve.preprocess import ImageSource, to_pixels
 
@@ -35,7 +35,8 @@ class Prediction(NamedTuple):
 class Classifier:
     """Classify images with a bundle (or any single-input image-classification .tflite).
 
-    Everything needed comes from the bundle: input size and channels, quantisation and labels.
+    `model` is the file's path or its bytes (then "<bytes>" names it in errors). Everything needed comes
+    from the bundle: input size and channels, quantisation and labels.
     `label_file` overrides the labels; `input_mean`/`input_std` apply to float inputs as in
     label_image. A bundle whose checksum does not match its bytes is refused unless `verify_checksum`
     is False. Safe to share between threads: the interpreter is used under a lock.
@@ -43,7 +44,7 @@ class Classifier:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model: str | os.PathLike | bytes,
         label_file: str | os.PathLike | None = None,
         num_threads: int | None = None,
         input_mean: float | None = None,
@@ -57,8 +58,14 @@ class Classifier:
             raise ValueError(f"input_mean must be a finite number, not {input_mean}")
         if input_std is not None and not (math.isfinite(input_std) and input_std > 0):
             raise ValueError(f"input_std must be a positive finite number, not {input_std}")
-        self.model_path = os.fspath(model_path)
-        model = read_model_file(self.model_path, verify_checksum=verify_checksum)
+        in_memory = isinstance(model, (bytes, bytearray, memoryview))
+        if in_memory:
+            self.model_path = "<bytes>"
+            model = bytes(model)
+            check_model(self.model_path, model, verify_checksum=verify_checksum)
+        else:
+            self.model_path = os.fspath(model)
+            model = read_model_file(self.model_path, verify_checksum=verify_checksum)
         self.metadata = read_bundle_metadata(self.model_path, model)
         try:
             with _without_litert_info():
@@ -71,7 +78,7 @@ class Classifier:
         plain = self.metadata is None
         self.input_mean = input_mean if input_mean is not None else (LABEL_IMAGE_MEAN if plain else 0.0)
         self.input_std = input_std if input_std is not None else (LABEL_IMAGE_STD if plain else 1.0)
-        self.labels = self._find_labels(label_file)
+        self.labels = self._find_labels(label_file, beside_model=not in_memory)
         # The usual int8 bundle: uint8 input quantised with scale 1, zero point 0 takes pixels unchanged.
         self._takes_pixels_as_they_are = (
             self.metadata is not None
@@ -120,13 +127,15 @@ class Classifier:
                     f"takes {self.height}x{self.width}x{self.channels}"
                 )
 
-    def _find_labels(self, label_file: str | os.PathLike | None) -> list[str]:
+    def _find_labels(self, label_file: str | os.PathLike | None, beside_model: bool) -> list[str]:
+        """`label_file`'s labels, else the bundle's, else those of a labels.txt beside the model's file (when
+        `beside_model`), else the output indices as text."""
         beside = os.path.join(os.path.dirname(self.model_path), "labels.txt")
         if label_file is not None:
             source, labels = os.fspath(label_file), read_labels(label_file)
         elif self.metadata is not None:
             source, labels = self.model_path, list(self.metadata["labels"])
-        elif os.path.isfile(beside):
+        elif beside_model and os.path.isfile(beside):
             source, labels = beside, read_labels(beside)
         else:
             return [str(i) for i in range(self.num_classes)]

@@ -11,7 +11,3 @@ class ImageError(PipelineError):
 
 class BundleError(PipelineError):
     """A model or labels file that cannot be used."""
-
-
-class RunLockedError(PipelineError):
-    """A run directory that another process is training or quantising right now."""

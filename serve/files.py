@@ -1,10 +1,16 @@
-"""Reading the user's files: regular files only, of a bounded size, so /dev/zero, a named pipe or a huge file
-is a one-line error instead of a hang or a process that runs out of memory."""
+"""Safe file I/O for serve and every stage: capped reads of regular files, and atomic writes.
+
+Reads take regular files only, of a bounded size, so /dev/zero, a named pipe or a huge file is a one-line
+error instead of a hang or a process that runs out of memory. Writes go to a temporary file beside the target,
+then a rename, so a crash never leaves half a file. (No pathlib or tempfile: `pipeline label` imports this.)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 
 from serve.errors import PipelineError
 
@@ -53,3 +59,28 @@ def _check(path: str, info: os.stat_result, limit: int, kind: str, error: type[P
         raise error(f"{path}: is {_FILE_TYPES.get(stat.S_IFMT(info.st_mode), 'a special file')}, not {kind}")
     if info.st_size > limit:
         raise error(f"{path}: larger than {limit // MiB} MiB, too large for {kind}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` (same suffix, hidden); on success rename it over `path`."""
+    directory, name = os.path.split(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    stem, suffix = os.path.splitext(name)
+    tmp = os.path.join(directory, f".{stem}.{os.urandom(6).hex()}.tmp{suffix}")
+    # Created by the kernel with mode 0o666 less the process's umask at this moment: the permissions the
+    # target would get from a plain open(). O_EXCL: never someone else's file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.tensorflow_env import prepare
+
+prepare()  # the tests are an entry point: Keras 2 and quiet logs before any test imports TensorFlow
+
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = [sys.executable, "-m", "pipeline"]
 # A slice of Fashion-MNIST big enough to learn something in two epochs, small enough to train in seconds.

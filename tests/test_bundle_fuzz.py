@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME, metadata_entries, sign_bundle
+from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME
+from serve.tflite_flatbuffer import read_model_metadata
 from tests.conftest import ROOT
 
 MUTANTS_PER_CHILD = 100
@@ -105,7 +106,7 @@ def metadata_edits(metadata: dict) -> dict[str, tuple[bytes | dict, str]]:
 
 def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
     """(spec, the outcome it must have) for each mutant; "any" allows BundleError or loading fine."""
-    from quantize.metadata import embed_metadata, embed_metadata_bytes
+    from quantize.metadata import embed_metadata, embed_metadata_bytes, sign_bundle
     from serve.bundle import read_bundle_metadata
 
     rng = np.random.default_rng(8)
@@ -116,8 +117,8 @@ def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
     for length in [0, 4, 8, 16, 64, size - 64, size - 1, *rng.integers(0, size, 150).tolist()]:
         mutants.append(({"truncate": int(length)}, "BundleError"))
     # Byte flips: anywhere (mostly weights), near the start and end (tables, vtables, the metadata), in our entries.
-    json_start, json_length = metadata_entries(model)[BUNDLE_METADATA_NAME]
-    checksum_start, _ = metadata_entries(model)[CHECKSUM_METADATA_NAME]
+    json_start, json_length = read_model_metadata(model)[BUNDLE_METADATA_NAME]
+    checksum_start, _ = read_model_metadata(model)[CHECKSUM_METADATA_NAME]
     regions = [(0, size), (0, 4096), (size - 4096, size), (checksum_start - 64, json_start + json_length)]
     for i in range(760):
         low, high = regions[i % len(regions)]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from serve import Classifier
-from serve.atomic import run_lock
 from serve.bundle import read_bundle_metadata, read_model_file
-from tests.conftest import make_image_folder, run_pipeline
+from serve.errors import PipelineError
+from tests.conftest import ROOT, make_image_folder, run_pipeline
+from train.rundir import run_lock
 
 
 def test_report_compares_every_bundle_with_float(fmnist_run, bundles):
@@ -107,6 +110,44 @@ def test_quantize_waits_for_no_one_while_a_run_is_locked(tmp_path, fmnist_run, b
     assert not (run / "export" / "fmnist_int8.tflite.stale").exists()
 
 
+def test_importing_quantize_sets_no_environment_variable():
+    script = (
+        "import os, sys\nbefore = dict(os.environ)\nfrom quantize import MODES, QUANTIZED_MODES\n"
+        "import quantize.tflite_internals\nprint(dict(os.environ) == before, 'tensorflow' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.stdout.split() == ["True", "False"], result.stdout + result.stderr
+
+
+def test_unsupported_tensorflow_version_fails_loudly():
+    from quantize.tflite_internals import check_version
+
+    for version in ("2.17.1", "2.19.0", "2.180.0", "3.18.0"):
+        with pytest.raises(PipelineError, match=rf"^TensorFlow {re.escape(version)} is installed, .* 2\.18\.x only"):
+            check_version(version)
+    pinned = re.search(r'"tensorflow==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    for version in (pinned, "2.18.0", "2.18.2rc0"):
+        check_version(version)
+
+
+def test_qat_without_training_data_is_refused_before_writing(tmp_path, fmnist_run, bundles):
+    from pipeline.tensorflow_env import prepare
+
+    prepare()
+    from quantize.export import QuantizeData, QuantizeError, export_bundles
+
+    run = copy_run(fmnist_run, tmp_path / "fmnist")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    images = np.zeros((4, 28, 28, 1), np.uint8)
+    data = QuantizeData(
+        class_names=list("abcdefghij"), calibration=images, eval_x=images, eval_y=None, eval_split="val"
+    )
+    with pytest.raises(QuantizeError, match="qat fine-tunes on the training split"):
+        export_bundles(run, data, modes=["int8", "qat"], budget=1.0, qat_epochs=1, num_threads=1)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_image_folder_round_trip_with_qat(tmp_path):
     """train -> quantize (QAT) -> label on a generated image folder, MobileNetV2 with augmentation."""
@@ -143,8 +184,9 @@ def test_image_folder_round_trip_with_qat(tmp_path):
     classifier = Classifier(bundle)
     assert classifier.input_dtype.name == "uint8" and (classifier.height, classifier.width) == (32, 32)
     image = next((root / "red_squares").glob("*.png"))
-    label = run_pipeline("label", str(image), "-m", str(bundle), "-k", "3")
-    assert sorted(line.split(" (")[0] for line in label.stdout.splitlines()) == metadata["labels"]
+    label = run_pipeline("label", str(image), "-m", str(bundle), "-k", "2")
+    expected = [f"{p.label} ({p.index}): {p.score:.6f}" for p in classifier.classify(image, top_k=2)]
+    assert label.stdout.splitlines() == expected
 
 
 @pytest.mark.slow

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import DEFAULTS, RUN_DEFINING
-from serve.atomic import run_lock
-from serve.errors import RunLockedError
+from pipeline.config import DEFAULTS
 from tests.conftest import ROOT, make_image_folder, run_pipeline
+from train.rundir import RUN_DEFINING, RunLockedError, run_lock
 
 TINY = ["--set", "max_images_per_class=20", "--epochs", "1", "--batch-size", "32"]
 
@@ -77,7 +76,7 @@ def test_two_trainings_on_one_name_cannot_run_at_once(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from serve.atomic import run_lock\nwith run_lock({str(run)!r}, 'training'):\n"
+            f"from train.rundir import run_lock\nwith run_lock({str(run)!r}, 'training'):\n"
             "    print('held', flush=True)\n    input()",
         ],
         cwd=ROOT,

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ import pytest
 from PIL import Image
 
 from serve import BundleError, Classifier
-from serve.bundle import CHECKSUM_METADATA_NAME, metadata_entries, read_bundle_metadata, read_model_file
+from serve.bundle import CHECKSUM_METADATA_NAME, read_bundle_metadata, read_model_file
+from serve.tflite_flatbuffer import read_model_metadata
 from tests.conftest import PIPELINE, ROOT, run_pipeline
 from train.data import FASHION_MNIST_CLASSES
 
@@ -60,6 +62,28 @@ def test_classify_accepts_path_bytes_pil_and_array(bundles, fmnist_images):
     assert [p.score for p in expected] == sorted((p.score for p in expected), reverse=True)
     for source in (path.read_bytes(), Image.open(path), np.asarray(Image.open(path)), str(path)):
         assert classifier.classify(source, top_k=3) == expected
+
+
+def test_classifier_from_bytes_equals_classifier_from_path(bundles, fmnist_images):
+    pixels = np.stack([Classifier(bundles["float32"]).preprocess(p) for p in fmnist_images])
+    for path in bundles.values():
+        from_path, from_bytes = Classifier(path), Classifier(path.read_bytes())
+        assert from_bytes.model_path == "<bytes>"
+        assert from_bytes.metadata == from_path.metadata and from_bytes.labels == from_path.labels
+        np.testing.assert_array_equal(from_bytes.predict(pixels), from_path.predict(pixels))
+
+
+def test_classifier_from_bytes_checks_the_checksum_and_the_metadata(bundles, tmp_path):
+    changed = bundles["int8"].read_bytes().replace(b'"Trouser"', b'"Trousen"')
+    with pytest.raises(BundleError, match=r"^<bytes>: corrupt bundle: checksum does not match$"):
+        Classifier(changed)
+    assert Classifier(changed, verify_checksum=False).labels[1] == "Trousen"
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": "abcdefghij"})
+    with pytest.raises(BundleError, match=r"^<bytes>: bundle metadata has no 'labels' list of strings$"):
+        Classifier(edited.read_bytes())
+    with pytest.raises(BundleError, match=r"^<bytes>: not a TFLite model"):
+        Classifier(b"")
 
 
 def test_classify_batch_matches_one_by_one_and_threads(bundles, fmnist_images):
@@ -207,6 +231,16 @@ print("HEAVY", heavy)
     assert LINE.match(result.stdout.splitlines()[0])
 
 
+@pytest.mark.parametrize(
+    "statement", ["import serve.errors", "from serve import BundleError, ImageError, PipelineError"]
+)
+def test_importing_the_errors_loads_no_litert(statement):
+    loaded = "sorted({m.split('.')[0] for m in sys.modules} & {'ai_edge_litert', 'PIL'})"
+    script = f"import sys\n{statement}\nprint({loaded})"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout == "[]\n", result.stdout + result.stderr
+
+
 def run_label(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`pipeline label ARGS`, given a minute: a command that hangs on a special file fails the test instead."""
     command = [*PIPELINE, "label", *map(str, args)]
@@ -289,7 +323,7 @@ def test_malformed_bundle_metadata_is_a_bundle_error(bundles, tmp_path, shape):
 
 def test_out_of_bounds_flatbuffer_offsets_are_a_bundle_error(bundles, tmp_path):
     model = bytearray(bundles["int8"].read_bytes())
-    start, _ = metadata_entries(bytes(model))[CHECKSUM_METADATA_NAME]
+    start, _ = read_model_metadata(bytes(model))[CHECKSUM_METADATA_NAME]
     model[start - 4 : start] = (0xFFFFFFF0).to_bytes(4, "little")  # the checksum's length: far past the end
     broken = tmp_path / "broken.tflite"
     broken.write_bytes(model)
@@ -453,3 +487,34 @@ def test_litert_info_line_is_silenced_and_other_stderr_lines_pass(bundles, fmnis
         os.write(2, LITERT_INFO_LINE + b"\nERROR: something LiteRT had to say\n")
     err = capfd.readouterr().err
     assert err == "ERROR: something LiteRT had to say\n"
+
+
+# serve/files.py: atomic writes.
+
+
+def test_atomic_writes_take_the_umask_of_the_moment_not_of_the_import(tmp_path):
+    from serve.files import write_atomic
+
+    previous = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "out" / "private.txt", "x")
+        os.umask(0o002)
+        write_atomic(tmp_path / "out" / "shared.txt", b"y")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "private.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "out" / "shared.txt").stat().st_mode) == 0o664
+    assert sorted(os.listdir(tmp_path / "out")) == ["private.txt", "shared.txt"]  # no temporary file left
+
+
+def test_atomic_write_that_fails_keeps_the_old_file(tmp_path):
+    from serve.files import atomic_path
+
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("the writer failed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["report.json"]

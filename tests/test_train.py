@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
+from pipeline.tensorflow_env import prepare
+from serve.errors import PipelineError
 from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
 from train.data import DataError, cache_dir, load_dataset, stratified_sample, stratified_split
 
@@ -135,6 +137,25 @@ def test_existing_run_is_not_overwritten(fmnist_run):
     result = run_pipeline("train", "--name", "fmnist", "--set", f"runs_dir={fmnist_run.parent}", check=False)
     assert result.returncode == 1 and "--resume" in result.stderr
     assert (fmnist_run / "metrics.json").read_bytes() == before
+
+
+def test_private_keras_api_is_refused_on_an_unsupported_tf_keras(monkeypatch):
+    prepare()  # before TensorFlow loads
+    import tf_keras as keras
+
+    from train.keras_internals import dropout_generators
+    from train.models import build_model
+
+    keras.backend.experimental.enable_tf_random_generator()  # as train() does, for this model only
+    try:
+        model = build_model("small_cnn", 28, 1, 10, 1.0, 0.3)
+    finally:
+        keras.backend.experimental.disable_tf_random_generator()
+    # On the installed tf_keras: one generator per dropout layer (small_cnn has two).
+    assert len(dropout_generators(model)) == 2
+    monkeypatch.setattr(keras, "__version__", "2.19.0")
+    with pytest.raises(PipelineError, match=r"^tf_keras 2\.19\.0 is installed; .* supports tf_keras 2\.18\.x only"):
+        dropout_generators(model)
 
 
 @pytest.mark.slow

@@ -1,10 +1,2 @@
-"""Training: data sources, models and the training loop.
-
-Horovod and tfmot need Keras 2 (tf_keras); TensorFlow only uses it when this variable is set before
-tensorflow is first imported, so it is set here, before any module of this package imports it.
-"""
-
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides "failed call to cuInit" on CPU-only machines
+"""Training: data sources, models, the training loop and its run directory, Horovod when distributed, and the
+pretrained EfficientNet-Lite0. Importing it sets nothing: entry points call pipeline.tensorflow_env.prepare()."""

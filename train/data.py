@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serve import IMAGE_EXTENSIONS, ImageError, PipelineError, to_pixels
-from serve.atomic import atomic_path
+from serve.errors import ImageError, PipelineError
+from serve.files import atomic_path
+from serve.preprocess import IMAGE_EXTENSIONS, to_pixels
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = [

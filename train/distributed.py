@@ -1,5 +1,8 @@
-"""Horovod glue, in one place. The training loop asks `size()`, `rank()` and `is_chief()` and never how it was
-launched: alone (one process), under `horovodrun -np N -H ...`, or by `pipeline train --workers N`.
+"""Data parallelism with Horovod, imported only when a launcher started this process as one of a job's workers.
+
+The training loop asks `size()`, `rank()` and `is_chief()` and never how it was launched: alone (one process:
+size 1, rank 0, no Horovod at all), under `horovodrun -np N -H ...` or `mpirun`, or by `pipeline train
+--workers N` (which goes through horovodrun).
 
 The recipe is Horovod's own (examples/tensorflow2/tensorflow2_keras_mnist.py): one process per worker,
 each on its own shard of the data; gradients averaged by allreduce every step, so N workers train one model
@@ -9,67 +12,105 @@ on an N-times-larger batch; rank 0 broadcasts the starting weights and alone wri
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from serve import PipelineError
+from serve.errors import PipelineError
 
-try:
-    import horovod.tensorflow as hvd_tf
-    import horovod.tensorflow.keras as hvd
-except ImportError as err:  # pragma: no cover - the set-up builds it; say how if it did not
-    raise PipelineError(
-        f"horovod is not importable ({err}); run `make setup`, which builds horovod 0.28.1 against TensorFlow"
-    ) from None
-
-COMPRESSIONS = {"fp16": hvd.Compression.fp16, "none": hvd.Compression.none}
+# What each launcher puts in its workers' environment: horovodrun --gloo, then mpirun (Open MPI, MPICH, PMIx).
+LAUNCHER_VARIABLES = ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 BYTES_PER_VALUE = {"fp16": 2, "none": 4}
+
+# In a distributed job: horovod.tensorflow (collectives) and horovod.tensorflow.keras (the optimizer).
+# In a process alone: None, and Horovod is never imported.
+hvd = None
+hvd_keras = None
+
+
+def launcher_variable() -> str | None:
+    """The variable by which a launcher (horovodrun or mpirun) marked this process as one worker of a job;
+    None for a process alone."""
+    return next((name for name in LAUNCHER_VARIABLES if name in os.environ), None)
 
 
 def init(mixed_precision: bool = False) -> None:
-    """Start Horovod (size 1 without a launcher) and give each local rank its own GPU, if there are any."""
-    hvd.init()
+    """Join the job, if there is one, and give each local rank its own GPU, if there are any."""
+    global hvd, hvd_keras
+    variable = launcher_variable()
+    if variable:
+        hvd, hvd_keras = _import_horovod(variable)
+        # Horovod: initialize Horovod.
+        hvd.init()
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         # Grow memory as needed, so several processes can share a machine's GPUs.
         tf.config.experimental.set_memory_growth(gpu, True)
     if gpus:
-        # One GPU per process: local rank i uses GPU i of its machine.
-        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        # Horovod: pin one GPU per process, local rank i using GPU i of its machine.
+        local_rank = hvd.local_rank() if hvd is not None else 0
+        tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
         if mixed_precision:
             tf.keras.mixed_precision.set_global_policy("mixed_float16")
 
 
+def _import_horovod(variable: str) -> tuple:
+    # Horovod's Keras binding uses `tf.keras`; with Keras 3 there, its optimizer trains without allreducing.
+    if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        raise PipelineError(
+            "Horovod needs Keras 2: set TF_USE_LEGACY_KERAS=1 before TensorFlow loads "
+            "(pipeline.tensorflow_env.prepare() does)"
+        )
+    try:
+        import horovod.tensorflow
+        import horovod.tensorflow.keras
+    except ImportError as err:
+        raise PipelineError(
+            f"{variable} is set: this process is one worker of a distributed job, but horovod is not importable "
+            f"({err}); install it with `make setup`, which builds it against TensorFlow (README: Install by hand)"
+        ) from None
+    return horovod.tensorflow, horovod.tensorflow.keras
+
+
 def size() -> int:
-    return hvd.size()
+    return hvd.size() if hvd is not None else 1
 
 
 def rank() -> int:
-    return hvd.rank()
+    return hvd.rank() if hvd is not None else 0
 
 
 def is_chief() -> bool:
     """Rank 0 writes checkpoints, logs and plots, and prints progress."""
-    return hvd.rank() == 0
+    return rank() == 0
 
 
 def distributed_optimizer(optimizer, compression: str):
-    """Wrap `optimizer` so that every step averages the gradients of all workers (allreduce), sent as
-    float16 with compression "fp16" (half the bytes) or float32 with "none"."""
-    return hvd.DistributedOptimizer(optimizer, compression=COMPRESSIONS[compression])
+    """`optimizer`, wrapped in a job so that every step averages the gradients of all workers (allreduce), sent
+    as float16 with compression "fp16" (half the bytes) or float32 with "none". Alone: `optimizer` itself."""
+    if hvd is None:
+        return optimizer
+    # Horovod: add Horovod DistributedOptimizer.
+    return hvd_keras.DistributedOptimizer(
+        optimizer, compression=hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+    )
 
 
 def broadcast_from_chief(variables: list) -> None:
     """Make every worker start from rank 0's weights and optimizer state (fresh or restored)."""
-    if hvd.size() > 1:
-        hvd_tf.broadcast_variables(variables, root_rank=0)
+    if size() > 1:
+        # Horovod: broadcast initial variable states from rank 0 to all other processes.
+        hvd.broadcast_variables(variables, root_rank=0)
 
 
 def broadcast_object(value):
     """Rank 0's `value` on every worker."""
-    return hvd_tf.broadcast_object(value, root_rank=0) if hvd.size() > 1 else value
+    if size() == 1:
+        return value
+    # Horovod: every worker acts on rank 0's decision (start epoch, or its error).
+    return hvd.broadcast_object(value, root_rank=0)
 
 
 class MetricAverage(keras.callbacks.Callback):
@@ -77,15 +118,16 @@ class MetricAverage(keras.callbacks.Callback):
     MetricAverageCallback reaches for Keras 3's backend when Keras 3 is installed, and fails.)"""
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs and hvd.size() > 1:
+        if logs and size() > 1:
             for name in sorted(logs):  # the same order on every worker: allreduces pair up by name
                 value = tf.constant(float(logs[name]), tf.float32)
-                logs[name] = float(hvd_tf.allreduce(value, op=hvd_tf.Average, name=f"metric.{name}"))
+                # Horovod: average metrics among workers at the end of every epoch.
+                logs[name] = float(hvd.allreduce(value, op=hvd.Average, name=f"metric.{name}"))
 
 
 def allreduce_bytes_per_step(model, compression: str) -> int:
     """Bytes each worker sends into the allreduce per step: one value per trainable weight (none alone)."""
-    if hvd.size() == 1:
+    if size() == 1:
         return 0
     values = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     return values * BYTES_PER_VALUE[compression]
@@ -101,4 +143,7 @@ def weights_checksum(model) -> str:
 def all_checksums(model) -> list[str]:
     """Every rank's weights checksum, in rank order: equal when allreduce kept the replicas in step."""
     mine = weights_checksum(model)
-    return hvd_tf.allgather_object(mine) if hvd.size() > 1 else [mine]
+    if size() == 1:
+        return [mine]
+    # Horovod: gather the checksums, to prove the replicas stayed in step.
+    return hvd.allgather_object(mine)

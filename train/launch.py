@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from serve import PipelineError
+from serve.errors import PipelineError
 
 WORKER_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 

@@ -1,4 +1,5 @@
-"""The models: a small fast CNN (the default for 28x28 data) and MobileNetV2 with a width multiplier.
+"""The models to train: a small fast CNN (the default for 28x28 data), MobileNetV2 with a width multiplier,
+and EfficientNet-Lite0 (train/efficientnet_lite.py), from scratch or from ImageNet weights.
 
 Every model takes raw pixels (0..255, float32, NHWC) and normalises them itself, so every client feeds
 the same plain pixels. Plain tf_keras layers only: tfmot's QAT and the TFLite converter both need that.
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import tf_keras as keras
 
+from train import efficientnet_lite
+
 # (mean, std) each model's first layer applies: x -> (x - mean) / std.
 NORMALIZATION = {
     "small_cnn": (0.0, 255.0),
     "mobilenet_v2": (127.5, 127.5),
-    "efficientnet_lite0": (127.0, 128.0),
+    "efficientnet_lite0": (efficientnet_lite.MEAN, efficientnet_lite.STD),
 }
 # tf_keras' MobileNetV2 uses BatchNorm momentum 0.999; after a short run its moving statistics are still
 # far from the data and evaluation sits near chance. 0.9 follows the data within a few hundred steps.
@@ -43,17 +46,11 @@ def build_model(
     elif name == "mobilenet_v2":
         x = _mobilenet_v2(x, input_size, channels, width, dropout)
     else:
-        from train.pretrained import backbone
-
-        x = keras.layers.Dropout(dropout)(backbone(x))
-    # float32 output even under mixed precision: softmax and the loss need the range.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
-    model = keras.Model(inputs, outputs, name=name)
+        x = keras.layers.Dropout(dropout)(efficientnet_lite.backbone(x))
+    model = keras.Model(inputs, efficientnet_lite.probabilities(x, num_classes), name=name)
     if pretrained:
-        from train.pretrained import freeze_backbone, load_imagenet_weights
-
-        load_imagenet_weights(model, classifier=False)
-        freeze_backbone(model, fine_tune_blocks)
+        efficientnet_lite.load_imagenet_weights(model, classifier=False)
+        efficientnet_lite.freeze_backbone(model, fine_tune_blocks)
     return model
 
 

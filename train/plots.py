@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
-
-from serve.atomic import atomic_path  # noqa: E402
+from serve.files import atomic_path
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [row[metric] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="validation")
@@ -32,7 +30,8 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path, title
     """Rows are true classes, columns predictions; cells show the share of each true class."""
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = max(5.0, 0.6 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -49,7 +48,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path, title
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
+    # A Figure made without pyplot draws to files only: no GUI backend to choose, no figure to close.
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)

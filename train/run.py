@@ -1,23 +1,10 @@
-"""The training loop: one run directory, `model.fit`, atomic per-epoch checkpoints, exact resume.
-
-Run directory (the contract later stages read):
-    config.yaml            the resolved config
-    data.json              data source, fingerprint, class names, split sizes, skipped files
-    checkpoints/epoch_NNN/ model + optimizer state after epoch NNN (written to a temp dir, then renamed)
-    best.keras             the model with the best validation accuracy so far
-    metrics.csv/.json      one row per epoch
-    curves.png, confusion_matrix.png, tensorboard/
-    summary.json           the outcome: best epoch, validation and test accuracy, timings
-"""
+"""The training loop: one run directory (train/rundir.py), `model.fit`, atomic per-epoch checkpoints, exact resume."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -28,42 +15,28 @@ import tensorflow as tf
 import tf_keras as keras
 import yaml
 
-from pipeline.config import check_resume, load_config
-from serve import PipelineError
-from serve.atomic import atomic_path, run_lock, write_atomic
+from serve.errors import PipelineError
+from serve.files import atomic_path, write_atomic
 from train import distributed
 from train.data import Dataset, load_dataset
+from train.keras_internals import dropout_generators
 from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
-
-CHECKPOINT_PREFIX = "epoch_"
+from train.rundir import (
+    CHECKPOINT_PREFIX,
+    check_resume,
+    checkpoints,
+    read_config,
+    read_history,
+    run_dir,
+    run_lock,
+    versions,
+    write_history,
+)
 
 
 class RunError(PipelineError):
     """A run directory that cannot be used as asked."""
-
-
-def run_dir(config: dict) -> Path:
-    return Path(config["runs_dir"]) / config["name"]
-
-
-def versions() -> dict:
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "tf_keras": keras.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. Temp dirs of an interrupted write are not listed."""
-    found = []
-    for path in (run / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and path.is_dir():
-            found.append((int(suffix), path))
-    return sorted(found)
 
 
 def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
@@ -97,7 +70,7 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
     model = _build(config, len(data.class_names))
     steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
     _compile(model, config, steps_per_epoch, len(data.class_names))
-    rngs = _dropout_rngs(model)
+    rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
     if chief and start_epoch == 0:  # only now: a config, data or model that fails must not cost an old run
         shutil.rmtree(run, ignore_errors=True)
@@ -105,7 +78,7 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
     history: list[dict] = []
     if start_epoch and chief:
         _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
-        history = [row for row in _read_history(run) if row["epoch"] <= start_epoch]
+        history = [row for row in read_history(run) if row["epoch"] <= start_epoch]
         print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
     # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
     distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
@@ -165,7 +138,7 @@ def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config
     print("fine_tune_blocks changed: weights restored, the optimizer starts afresh", file=sys.stderr)
     model = checkpoint.model
     twin = _build(config, model.output_shape[-1])
-    twin_rngs = _dropout_rngs(twin)
+    twin_rngs = dropout_generators(twin)
     tf.train.Checkpoint(model=twin, dropout_rngs=twin_rngs).read(str(path)).expect_partial()
     model.set_weights(twin.get_weights())
     for mine, saved in zip(checkpoint.dropout_rngs, twin_rngs):
@@ -198,7 +171,7 @@ def _start_epoch(run: Path, config: dict, resume: bool, exist_ok: bool) -> int:
         found = checkpoints(run)
         if not found:
             raise RunError(f"{run}: no complete checkpoint to resume from; start it without --resume")
-        check_resume(run, load_config(run / "config.yaml"), config)
+        check_resume(run, read_config(run), config)
         return found[-1][0]
     if run.exists() and any(run.iterdir()):
         if not exist_ok:
@@ -243,19 +216,6 @@ def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> Non
     )
     # Create the optimizer's slots now, so a checkpoint restores them at once rather than lazily.
     model.optimizer.build(model.trainable_variables)
-
-
-def _dropout_rngs(model) -> list:
-    """The random generators of the model's dropout layers. Keras keeps them out of checkpoints, yet a
-    resumed run must continue their streams to draw the masks an uninterrupted run would."""
-    rngs = []
-    for layer in model.layers:
-        generator = getattr(layer, "_random_generator", None)
-        if generator is not None:
-            generator._maybe_init()
-            if generator._generator is not None:
-                rngs.append(generator._generator)
-    return rngs
 
 
 def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
@@ -349,7 +309,7 @@ class RunWriter(keras.callbacks.Callback):
             self.best = row["val_accuracy"]
             with atomic_path(self.run / "best.keras") as tmp:
                 self.model.save(tmp)
-        _write_history(self.run, self.history)
+        write_history(self.run, self.history)
         plot_curves(self.history, self.run / "curves.png")
         self._save_checkpoint(epoch + 1)
 
@@ -363,21 +323,6 @@ class RunWriter(keras.callbacks.Callback):
         tmp.rename(final)
         for _, old in checkpoints(self.run)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_history(run: Path, history: list[dict]) -> None:
-    write_atomic(run / "metrics.json", json.dumps(history, indent=2))
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic(run / "metrics.csv", text.getvalue())
-
-
-def _read_history(run: Path) -> list[dict]:
-    path = run / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _print_header(run: Path, config: dict, data: Dataset, model) -> None:

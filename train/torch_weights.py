@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve import PipelineError
+from serve.errors import PipelineError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 STORAGE_DTYPES = {

@@ -10,24 +10,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from serve.bundle import FlatBuffer, read_bundle_metadata, read_model_file
+from serve.bundle import read_bundle_metadata, read_model_file
 from serve.errors import BundleError, PipelineError
+from serve.tflite_flatbuffer import with_fixed_shapes
 
 WEB_DIR = os.path.dirname(os.path.abspath(__file__))
 LITERT_DIR = os.path.join(WEB_DIR, "node_modules", "@litertjs")
 STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js"}
-# Field indices in tensorflow/lite/schema/schema.fbs.
-_MODEL_SUBGRAPHS = 2
-_SUBGRAPH_TENSORS = 0
-_TENSOR_SHAPE = 0
-_TENSOR_SHAPE_SIGNATURE = 7
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".wasm": "application/wasm"}
 WORKER_THREADS = 8  # connections served at once
 WAITING_CONNECTIONS = 64  # accepted connections queued for a thread; beyond that new ones are closed at once
@@ -38,34 +33,6 @@ def check_litert() -> None:
     """LiteRT.js comes from npm into serve/web/node_modules; say how to get it when it is missing."""
     if not os.path.isfile(os.path.join(LITERT_DIR, "core", "dist", "index.js")):
         raise PipelineError("LiteRT.js is not installed; run: npm install --prefix serve/web")
-
-
-def with_fixed_shapes(model: bytes) -> bytes:
-    """The model with each tensor's shape_signature set to its shape: batch 1 instead of -1.
-
-    LiteRT.js 2.5 takes the signature as the tensor type and refuses a [1, H, W, C] input for [-1, H, W, C];
-    it cannot resize. Only those int32 values change, in place, so the flatbuffer stays valid.
-    """
-    buf = FlatBuffer(model)
-    patched = bytearray(model)
-    subgraphs_start, subgraph_count = buf.vector(buf.field(buf.deref(0), _MODEL_SUBGRAPHS))
-    for s in range(subgraph_count):
-        subgraph = buf.deref(subgraphs_start + 4 * s)
-        tensors = buf.field(subgraph, _SUBGRAPH_TENSORS)
-        if tensors is None:
-            continue
-        tensors_start, tensor_count = buf.vector(tensors)
-        for t in range(tensor_count):
-            tensor = buf.deref(tensors_start + 4 * t)
-            shape, signature = buf.field(tensor, _TENSOR_SHAPE), buf.field(tensor, _TENSOR_SHAPE_SIGNATURE)
-            if shape is None or signature is None:
-                continue
-            (shape_start, rank), (signature_start, signature_rank) = buf.vector(shape), buf.vector(signature)
-            for i in range(min(rank, signature_rank)):
-                at = signature_start + 4 * i
-                if struct.unpack_from("<i", model, at)[0] == -1:
-                    patched[at : at + 4] = model[shape_start + 4 * i : shape_start + 4 * i + 4]
-    return bytes(patched)
 
 
 class PooledHTTPServer(HTTPServer):

@@ -1,0 +1,119 @@
+"""The jobs that join the stages: quantise a trained run, export the pretrained ImageNet model, write samples.
+
+Plain functions with keyword arguments, so that scripts and notebooks can call what the CLI calls. Each loads
+TensorFlow only when called (after `tensorflow_env.prepare()`), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import ConfigError, inside_runs_dir, load_config
+from pipeline.tensorflow_env import prepare
+from serve.errors import PipelineError
+
+
+class GateRefused(PipelineError):
+    """An integer bundle lost more top-1 accuracy than the budget allows, so it was not written."""
+
+
+def quantize_run(
+    run_dir: str | Path,
+    *,
+    modes: Sequence[str] = ("int8",),
+    calibration_images: int = 500,
+    budget: float = 1.0,
+    qat_epochs: int = 2,
+    num_threads: int = 1,
+) -> dict:
+    """Bundles of a trained run in run_dir/export/ and its report (see quantize.export.export_bundles).
+
+    int8 ranges come from a stratified sample of `calibration_images` training images; the gate measures top-1 on
+    the data's test split (its validation split when the data has none). Raises GateRefused, after writing the
+    float32 bundle and the report, when a quantised bundle loses more than `budget` points.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise PipelineError(f"{run}: not a run directory (no config.yaml); train one with pipeline train")
+    config = load_config(run / "config.yaml")
+    prepare()
+    from quantize.export import QuantizeData, export_bundles
+    from train.data import load_dataset, stratified_sample
+    from train.rundir import run_lock
+
+    with run_lock(run, "quantizing"):
+        data = load_dataset(config)
+        held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
+        quantize_data = QuantizeData(
+            class_names=data.class_names,
+            calibration=data.train_x[stratified_sample(data.train_y, calibration_images, config["seed"])],
+            eval_x=held_out[0],
+            eval_y=held_out[1],
+            eval_split=held_out[2],
+            train_x=data.train_x,
+            train_y=data.train_y,
+        )
+        report = export_bundles(
+            run, quantize_data, modes=modes, budget=budget, qat_epochs=qat_epochs, num_threads=num_threads
+        )
+    if report["rejected"]:
+        raise GateRefused(
+            f"{run}: {', '.join(report['rejected'])} lost more than {budget} points of top-1 accuracy; "
+            "bundle not written (try --mode qat, more --calibration-images, or a larger --budget)"
+        )
+    return report
+
+
+def export_pretrained(
+    *,
+    name: str = "efficientnet_lite0",
+    modes: Sequence[str] = ("int8", "float16"),
+    calibration_dirs: Sequence[str | Path] = (),
+    num_threads: int = 1,
+    runs_dir: str | Path = "runs",
+) -> dict:
+    """EfficientNet-Lite0 with its ImageNet weights as bundles in runs_dir/name/export/, and the report.
+
+    int8 is calibrated on views of the sample photos that installed packages ship, plus every image in
+    `calibration_dirs`; each bundle is compared with float32 on the whole photos (there are no labels to gate on).
+    """
+    if not inside_runs_dir(name, str(runs_dir)):
+        raise ConfigError(f"name={name!r}: must name a directory inside {runs_dir} (no '/', no leading '.')")
+    prepare()
+    from quantize.export import QuantizeData, export_bundles
+    from train.efficientnet_lite import imagenet_labels
+    from train.pretrained import calibration_images, create_run, sample_photo_pixels
+    from train.rundir import run_lock
+
+    run = Path(runs_dir) / name
+    with run_lock(run, "exporting"):
+        create_run(run)
+        data = QuantizeData(
+            class_names=imagenet_labels(),
+            calibration=calibration_images([Path(d) for d in calibration_dirs]),
+            eval_x=sample_photo_pixels(),
+            eval_y=None,
+            eval_split="sample photos",
+        )
+        return export_bundles(run, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
+
+
+def write_fashion_mnist_samples(
+    *, count: int = 5, out: str | Path = "samples", data_path: str | None = None
+) -> list[Path]:
+    """The first `count` Fashion-MNIST test images as PNG files named after their class: 0000_ankle_boot.png."""
+    from PIL import Image
+
+    from serve.files import atomic_path
+    from train.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_fashion_mnist
+
+    images, labels = read_fashion_mnist(find_fashion_mnist(data_path), "test")
+    written = []
+    for i in range(min(count, len(images))):
+        slug = FASHION_MNIST_CLASSES[labels[i]].lower().replace("/", "_").replace(" ", "_").replace("-", "_")
+        path = Path(out) / f"{i:04d}_{slug}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(images[i]).save(tmp, format="PNG")
+        written.append(path)
+    return written
