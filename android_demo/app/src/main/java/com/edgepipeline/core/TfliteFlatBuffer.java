@@ -6,7 +6,7 @@ import java.nio.charset.StandardCharsets;
 
 /**
  * The few lookups into a .tflite flatbuffer that the app needs, following tensorflow/lite/schema/schema.fbs
- * (the same walk as serve/bundle.py). Works on a memory-mapped asset as well as on bytes read from storage.
+ * (the same walk as serve/tflite_flatbuffer.py). Works on a memory-mapped asset as well as on bytes read from storage.
  */
 final class TfliteFlatBuffer {
     // Field indices in schema.fbs.
