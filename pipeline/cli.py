@@ -134,6 +134,12 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     help="Start runs/<name> over if it exists (its contents are deleted once the new run's config, data "
     "and model are found good).",
 )
+@click.option(
+    "--verify-data",
+    is_flag=True,
+    help="Read and hash every source file again and compare with the data cache; rebuild the cache if they "
+    "differ (a file changed without a change of size or time).",
+)
 def train(
     config_path,
     data,
@@ -149,6 +155,7 @@ def train(
     worker_timeout,
     resume,
     exist_ok,
+    verify_data,
 ) -> None:
     """Train a classifier; writes checkpoints, metrics and plots to runs/<name>/.
 
@@ -174,6 +181,7 @@ def train(
 
         # Each worker resolves the same config file and overrides, so all train the same thing.
         args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
+        args += ["--verify-data"] if verify_data else []
         if not resume:
             args += ["--config", config_file_path(config_path)]
         for key, value in values.items():
@@ -186,6 +194,10 @@ def train(
     prepare()
     from train.run import train as run_training
 
+    if verify_data:
+        from train.data import verify_data as verify
+
+        verify(config)
     run_training(config, resume=resume, exist_ok=exist_ok)
 
 

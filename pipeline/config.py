@@ -19,6 +19,7 @@ DEFAULTS: dict = {
     "runs_dir": "runs",
     "data": "fashion-mnist",  # "fashion-mnist", or a folder with one sub-folder of images per class
     "data_path": None,  # where Fashion-MNIST's idx files are (found automatically when null)
+    "cache_dir": None,  # the decoded-data cache: null is $PIPELINE_CACHE, else ~/.cache/edge-pipeline
     "max_images_per_class": None,  # cap each class, for quick experiments
     "val_fraction": 0.1,
     "input_size": 28,  # height = width of the model input
@@ -156,6 +157,12 @@ def validate(config: dict) -> dict:
         isinstance(config["runs_dir"], str) and config["runs_dir"] and "\0" not in config["runs_dir"],
         "runs_dir",
         "must be a folder",
+    )
+    need(
+        config["cache_dir"] is None
+        or (isinstance(config["cache_dir"], str) and config["cache_dir"] and "\0" not in config["cache_dir"]),
+        "cache_dir",
+        "must be null or a folder",
     )
     need(
         inside_runs_dir(config["name"], config["runs_dir"]),

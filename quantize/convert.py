@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -12,6 +13,17 @@ import tf_keras as keras
 from quantize import MODES, QUANTIZED_MODES
 
 _tfmot = tfmot.quantization.keras
+
+
+class Images(Protocol):
+    """uint8 images (N, H, W, C) indexed like a numpy array: an array, or a view that reads them from disk when
+    indexed (train's data cache). A view may be larger than memory: take slices or index arrays, never all of it."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key) -> np.ndarray: ...
 
 
 def to_tflite(model, mode: str, calibration: np.ndarray | None = None) -> bytes:
@@ -61,7 +73,7 @@ class _OutputOnlyConfig(_tfmot.QuantizeConfig):
 
 
 def quantization_aware(
-    model, train_x: np.ndarray, train_y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
+    model, train_x: Images, train_y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
 ):
     """Fine-tune a fake-quantised copy of `model` for a few epochs (tfmot QAT) and return it."""
 
@@ -77,19 +89,26 @@ def quantization_aware(
     annotated.set_weights(model.get_weights())
     with _tfmot.quantize_scope({"_OutputOnlyConfig": _OutputOnlyConfig}):
         qat_model = _tfmot.quantize_apply(annotated)
-    num_classes = model.output_shape[-1]
     steps = epochs * math.ceil(len(train_y) / batch_size)
     qat_model.compile(
         optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
-        loss=keras.losses.CategoricalCrossentropy(),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    qat_model.fit(
-        train_x.astype(np.float32),
-        tf.one_hot(train_y, num_classes),
-        batch_size=batch_size,
-        epochs=epochs,
-        shuffle=True,
-        verbose=2,
-    )
+    qat_model.fit(_shuffled_batches(train_x, train_y, batch_size, seed), epochs=epochs, verbose=2)
     return qat_model
+
+
+def _shuffled_batches(x: Images, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """(float32 images, integer labels) batches of all of x in a seeded order that changes every epoch. Each batch
+    is read from x when it is due, several in parallel: x is never held whole."""
+    labels = tf.constant(y)
+
+    def load(indices):
+        # Not stateful: the same indices read the same pixels, so tf.data may run reads in parallel.
+        images = tf.numpy_function(lambda idx: x[idx], [indices], tf.uint8, stateful=False)
+        images.set_shape((None, *x.shape[1:]))
+        return tf.cast(images, tf.float32), tf.gather(labels, indices)
+
+    order = tf.data.Dataset.range(len(y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    return order.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -16,7 +16,7 @@ import tf_keras as keras
 import yaml
 
 from quantize import QUANTIZED_MODES
-from quantize.convert import quantization_aware, to_tflite
+from quantize.convert import Images, quantization_aware, to_tflite
 from quantize.metadata import embed_metadata
 from quantize.tflite_internals import check_version
 from serve.classifier import Classifier
@@ -37,10 +37,10 @@ class QuantizeData:
 
     class_names: list[str]
     calibration: np.ndarray  # uint8 images that set the int8 activation ranges
-    eval_x: np.ndarray  # held-out uint8 images: accuracy gate, fidelity to float32, latency
+    eval_x: Images  # held-out images, read a batch at a time: accuracy gate, fidelity to float32, latency
     eval_y: np.ndarray | None  # their labels; None (the pretrained export): fidelity to float32 only, no gate
     eval_split: str  # what eval_x is, named in the report: "test", "val" or "sample photos"
-    train_x: np.ndarray | None = None  # the training split, for QAT fine-tuning only
+    train_x: Images | None = None  # the training split, for QAT fine-tuning only (streamed)
     train_y: np.ndarray | None = None
 
 
@@ -138,7 +138,7 @@ def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -
 def public_config(config: dict) -> dict:
     """The training config as a bundle may show it to anyone: no absolute paths of the training machine.
     The data is named by its folder's name (its fingerprint identifies it)."""
-    shown = {key: value for key, value in config.items() if key not in ("data_path", "runs_dir")}
+    shown = {key: value for key, value in config.items() if key not in ("data_path", "runs_dir", "cache_dir")}
     if isinstance(shown.get("data"), str) and shown["data"] != "fashion-mnist":
         shown["data"] = Path(shown["data"]).name
     return shown

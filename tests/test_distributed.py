@@ -112,6 +112,30 @@ def test_pretrained_run_directory_needs_no_horovod(tmp_path):
     assert horovod_imports(tmp_path / "site") == []
 
 
+def test_workers_share_each_epoch_without_overlap():
+    """Worker r of N takes every N-th image of the one-process order from the r-th: together, the epoch once."""
+    import tensorflow as tf
+
+    from train.run import epoch_indices
+
+    count, seed = 103, 7
+    for epoch in (0, 1):
+        alone = epoch_indices(count, seed, epoch, 0, 1).numpy()
+        assert sorted(alone) == list(range(count))
+        for workers in (2, 3):
+            usable = count // workers * workers  # the rest sit the epoch out: every worker takes as many steps
+            shards = [epoch_indices(count, seed, epoch, rank, workers).numpy() for rank in range(workers)]
+            assert [len(shard) for shard in shards] == [count // workers] * workers
+            together = np.concatenate(shards)
+            assert len(np.unique(together)) == usable and set(together) == set(alone[:usable])
+            for rank, shard in enumerate(shards):
+                assert np.array_equal(shard, alone[:usable][rank::workers])
+    assert not np.array_equal(epoch_indices(count, seed, 0, 0, 1), epoch_indices(count, seed, 1, 0, 1))
+    # train_batches computes the order inside tf.data, from an int64 epoch: the same order as eagerly.
+    traced = next(iter(tf.data.Dataset.range(1, 2).map(lambda epoch: epoch_indices(count, seed, epoch, 1, 2))))
+    assert np.array_equal(traced, epoch_indices(count, seed, 1, 1, 2))
+
+
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_with_twice_the_batch(tmp_path):
     alone = equivalence_weights(tmp_path, 1, 64, "none")

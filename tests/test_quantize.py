@@ -17,6 +17,7 @@ from serve import Classifier
 from serve.bundle import read_bundle_metadata, read_model_file
 from serve.errors import PipelineError
 from tests.conftest import ROOT, make_image_folder, run_pipeline
+from tests.test_train import ViewWithoutArray
 from train.rundir import run_lock
 
 
@@ -95,7 +96,7 @@ def test_bundle_provenance_has_no_absolute_paths(fmnist_run, bundles, runs_dir):
     for path in bundles.values():
         metadata = read_bundle_metadata(path, read_model_file(path))
         config = metadata["provenance"]["config"]
-        assert "runs_dir" not in config and "data_path" not in config
+        assert not {"runs_dir", "data_path", "cache_dir"} & set(config)
         assert config["data"] == "fashion-mnist" and config["name"] == "fmnist"
         assert str(runs_dir).encode() not in path.read_bytes()
 
@@ -146,6 +147,34 @@ def test_qat_without_training_data_is_refused_before_writing(tmp_path, fmnist_ru
     with pytest.raises(QuantizeError, match="qat fine-tunes on the training split"):
         export_bundles(run, data, modes=["int8", "qat"], budget=1.0, qat_epochs=1, num_threads=1)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_quantize_reads_eval_and_training_images_batch_by_batch(tmp_path, fmnist_run):
+    """Evaluation, latency and QAT fine-tuning take the held-out and training images a batch at a time from views
+    that cannot be converted whole, as the data cache's views of a larger-than-memory split."""
+    from pipeline.config import load_config
+    from pipeline.tensorflow_env import prepare
+
+    prepare()
+    from quantize.export import LATENCY_RUNS, QuantizeData, export_bundles
+    from train.data import load_dataset
+
+    run = copy_run(fmnist_run, tmp_path / "fmnist")
+    data = load_dataset(load_config(run / "config.yaml"))
+    eval_x, train_x = ViewWithoutArray(data.test_x[:600]), ViewWithoutArray(data.train_x[:300])
+    quantize_data = QuantizeData(
+        class_names=data.class_names,
+        calibration=data.train_x[:50],
+        eval_x=eval_x,
+        eval_y=data.test_y[:600],
+        eval_split="test",
+        train_x=train_x,
+        train_y=data.train_y[:300],
+    )
+    report = export_bundles(run, quantize_data, modes=["qat"], budget=100.0, qat_epochs=1, num_threads=1)
+    assert report["eval_images"] == 600 and report["bundles"]["qat"]["top1"] > 0.5  # ten classes: chance is 0.1
+    assert max(eval_x.reads) == 256 and sum(eval_x.reads) == 2 * (600 + LATENCY_RUNS + 5)  # float32 and qat
+    assert max(train_x.reads) == 64 and sum(train_x.reads) == 300  # one epoch in batches of the run's 64
 
 
 @pytest.mark.slow

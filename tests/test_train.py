@@ -1,4 +1,4 @@
-"""Training: data sources, the cache, the config, the run directory and an exact resume."""
+"""Training: data sources, the config, the run directory and an exact resume (the data cache: test_cache.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.tensorflow_env import prepare
 from serve.errors import PipelineError
 from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
-from train.data import DataError, cache_dir, load_dataset, stratified_sample, stratified_split
+from train.data import DataError, load_dataset, stratified_sample, stratified_split
 
 
 def folder_config(root, **changes) -> dict:
@@ -45,26 +45,6 @@ def test_image_folder_skips_corrupt_and_stray_files(tmp_path, capsys):
     assert len(data.train_y) + len(data.val_y) == 36
     assert data.train_x.shape[1:] == (24, 24, 3) and data.train_x.dtype == np.uint8
     assert np.bincount(data.val_y).tolist() == [1, 1, 1]  # 10% of each class, at least one
-
-
-def test_cache_is_reused_and_keyed_by_content_and_size(tmp_path):
-    root = make_image_folder(tmp_path / "shapes", per_class=6)
-    first = load_dataset(folder_config(root))
-    cached = list(cache_dir().glob("*.npz"))
-    entry = max(cached, key=lambda p: p.stat().st_mtime)
-    # Prove the second run reads the cache rather than decoding: plant a marker in the cached pixels.
-    with np.load(entry) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    arrays["train_x"][:] = 77
-    with open(entry, "wb") as f:
-        np.savez(f, **arrays)
-    assert (load_dataset(folder_config(root)).train_x == 77).all()
-    # Another input size, or a changed file, is another cache entry and a fresh decode.
-    assert not (load_dataset(folder_config(root, input_size=20)).train_x == 77).all()
-    Image.new("RGB", (30, 30), (0, 0, 230)).save(root / "blue_stripes" / "000.png")
-    again = load_dataset(folder_config(root))
-    assert again.fingerprint != first.fingerprint
-    assert not (again.train_x == 77).all()
 
 
 def test_bad_data_folders_are_clear_errors(tmp_path):
@@ -197,3 +177,56 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["epoch"], key)
     leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+class ViewWithoutArray:
+    """uint8 images behind only the interface of the data cache's views (len, shape, dtype, indexing, subset): no
+    __array__, no astype. Logs how many images each read returns, so that a consumer converting or copying a whole
+    split shows as one read of all of it, or as more images read than it uses."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self._images, self.shape, self.dtype = images, images.shape, images.dtype
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, key) -> np.ndarray:
+        images = self._images[key]
+        self.reads.append(1 if images.ndim == 3 else len(images))
+        return images
+
+    def subset(self, indices: np.ndarray) -> ViewWithoutArray:
+        return ViewWithoutArray(self._images[indices])
+
+
+def test_training_and_evaluation_read_a_split_batch_by_batch():
+    prepare()
+    import tf_keras as keras
+
+    from train.data import Dataset
+    from train.run import _eval_batches, _predicted_classes, epoch_indices, train_batches
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 400)
+    train, val = ViewWithoutArray(images[:100]), ViewWithoutArray(images[100:])
+    data = Dataset(list("abcd"), train, labels[:100], val, labels[100:], None, None, "", "random")
+
+    batches = list(train_batches(data, {"batch_size": 16, "seed": 3, "augment": False, "epochs": 2}, 0))
+    order = np.concatenate([epoch_indices(100, 3, epoch, 0, 1).numpy() for epoch in (0, 1)])
+    assert np.array_equal(np.concatenate([x for x, _ in batches]), images[order])
+    assert np.array_equal(np.concatenate([y for _, y in batches]), np.eye(4)[labels[order]])
+    assert max(train.reads) == 16 and sum(train.reads) == 200
+
+    batches = list(_eval_batches(val, labels[100:], 4, 32))
+    assert np.array_equal(np.concatenate([x for x, _ in batches]), images[100:])
+    assert np.array_equal(np.concatenate([y for _, y in batches]), np.eye(4)[labels[100:]])
+    assert max(val.reads) == 32 and sum(val.reads) == 300
+
+    val.reads.clear()
+    dense = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(seed=0))
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), dense])
+    expected = model.predict(images[100:].astype(np.float32), verbose=0).argmax(axis=1)
+    assert len(set(expected)) > 1  # a model that always answered the same class would hide a misordered read
+    assert np.array_equal(_predicted_classes(model, val), expected)
+    assert max(val.reads) == 256 and sum(val.reads) == 300

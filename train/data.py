@@ -1,23 +1,25 @@
 """Data sources: an image folder (one sub-folder per class) or Fashion-MNIST's idx files.
 
-Every image goes through serve's `to_pixels` once, and the result is cached as uint8 arrays keyed by
-a fingerprint of the source files and the input size, so a second run does not decode again.
+Every image goes through serve's `to_pixels` once, into the on-disk cache (train/cache.py); a Dataset's images are
+views of that cache, read batch by batch, so no process holds a whole data set. Labels are int64 arrays in memory.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from serve.errors import ImageError, PipelineError
-from serve.files import atomic_path
-from serve.preprocess import IMAGE_EXTENSIONS, to_pixels
+from serve.errors import PipelineError
+from serve.preprocess import IMAGE_EXTENSIONS
+from train.cache import ImageView, Source, Split, open_cache, verify_cache
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -37,8 +39,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# Bump when serve's preprocessing changes what it produces, so old caches are not reused.
-CACHE_VERSION = 1
 
 
 class DataError(PipelineError):
@@ -47,14 +47,14 @@ class DataError(PipelineError):
 
 @dataclass
 class Dataset:
-    """Images as uint8 (N, H, W, C) arrays with integer labels, split for training."""
+    """Images as uint8 (N, H, W, C) views of the cache with int64 labels, split for training."""
 
     class_names: list[str]
-    train_x: np.ndarray
+    train_x: ImageView
     train_y: np.ndarray
-    val_x: np.ndarray
+    val_x: ImageView
     val_y: np.ndarray
-    test_x: np.ndarray | None
+    test_x: ImageView | None
     test_y: np.ndarray | None
     fingerprint: str
     source: str
@@ -72,56 +72,62 @@ class Dataset:
         }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE", "~/.cache/edge-pipeline")).expanduser()
+def cache_dir(config: dict) -> Path:
+    """Where the data cache lives: the `cache_dir` setting, else $PIPELINE_CACHE, else ~/.cache/edge-pipeline."""
+    where = config.get("cache_dir") or os.environ.get("PIPELINE_CACHE") or "~/.cache/edge-pipeline"
+    return Path(where).expanduser()
 
 
 def load_dataset(config: dict) -> Dataset:
-    """The data a run's config names, split into train / val (/ test), seeded and stratified."""
-    size, channels, seed = int(config["input_size"]), int(config["channels"]), int(config["seed"])
-    if config["data"] == FASHION_MNIST:
-        root = find_fashion_mnist(config.get("data_path"))
-        fingerprint = _fingerprint(
-            root, [root / _idx_name(root, n) for pair in FASHION_MNIST_FILES.values() for n in pair]
-        )
-        arrays = _cached(fingerprint, size, channels, lambda: _decode_fashion_mnist(root, size, channels))
-        class_names, skipped = FASHION_MNIST_CLASSES, []
-        source = str(root)
-    else:
-        root = Path(config["data"]).expanduser()
-        class_names, files = scan_image_folder(root)
-        fingerprint = _fingerprint(root, [path for paths in files for path in paths])
-        arrays = _cached(fingerprint, size, channels, lambda: _decode_folder(root, files, size, channels))
-        skipped = [str(root / name) for name in arrays["skipped"]]
-        for name in skipped:
-            print(f"warning: {name}: skipped (not a readable image)", file=sys.stderr)
-        source = str(root)
-        for index, name in enumerate(class_names):
-            if not np.any(arrays["train_y"] == index):
-                raise DataError(f"{root / name}: class '{name}' has no readable images")
+    """The data a run's config names, split into train / val (/ test), seeded and stratified.
 
-    x, y = arrays["train_x"], arrays["train_y"]
+    The first run decodes the images into the cache; later runs find it by the source files' names, sizes and
+    mtimes, without reading them (`verify_data` reads them again)."""
+    size, channels, seed = int(config["input_size"]), int(config["channels"]), int(config["seed"])
+    source = data_source(config)
+    cache = open_cache(source, size, channels, cache_dir(config))
+    x, y = cache.splits["train"]
+    skipped = [str(source.root / name) for name in cache.skipped]
+    for name in skipped:
+        print(f"warning: {name}: skipped (not a readable image)", file=sys.stderr)
+    for index, name in enumerate(source.class_names):
+        if not np.any(y == index):
+            raise DataError(f"{source.root / name}: class '{name}' has no readable images")
+
     cap = config.get("max_images_per_class")
     if cap:
         keep = cap_per_class(y, int(cap), seed)
-        x, y = x[keep], y[keep]
+        x, y = x.subset(keep), y[keep]
     train_idx, val_idx = stratified_split(y, float(config["val_fraction"]), seed)
-    test_x, test_y = arrays.get("test_x"), arrays.get("test_y")
+    test_x, test_y = cache.splits.get("test", (None, None))
     if test_y is not None and cap:
         keep = cap_per_class(test_y, int(cap), seed)
-        test_x, test_y = test_x[keep], test_y[keep]
+        test_x, test_y = test_x.subset(keep), test_y[keep]
     return Dataset(
-        class_names=list(class_names),
-        train_x=x[train_idx],
+        class_names=list(source.class_names),
+        train_x=x.subset(train_idx),
         train_y=y[train_idx],
-        val_x=x[val_idx],
+        val_x=x.subset(val_idx),
         val_y=y[val_idx],
         test_x=test_x,
         test_y=test_y,
-        fingerprint=fingerprint,
-        source=source,
+        fingerprint=cache.fingerprint,
+        source=str(source.root),
         skipped=skipped,
     )
+
+
+def verify_data(config: dict) -> None:
+    """Read and hash every source file again and compare with what the cache recorded; on a difference the cache is
+    removed (and said so), and the next load_dataset builds it again."""
+    verify_cache(data_source(config), int(config["input_size"]), int(config["channels"]), cache_dir(config))
+
+
+def data_source(config: dict) -> Source:
+    """The config's data as the cache sees it: its files, found by name only (nothing is read yet)."""
+    if config["data"] == FASHION_MNIST:
+        return _fashion_mnist_source(find_fashion_mnist(config.get("data_path")))
+    return _folder_source(Path(config["data"]).expanduser())
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,11 +180,20 @@ def _idx_name(root: Path, stem: str) -> str | None:
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (the MNIST format), gzipped or not, as a uint8 array."""
+    return _parse_idx(path, _read_file(path))
+
+
+def _read_file(path: Path) -> bytes:
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read idx file ({err.strerror})") from None
+
+
+def _parse_idx(path: Path, raw: bytes) -> np.ndarray:
+    try:
+        data = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot read idx file ({err})") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise DataError(f"{path}: not an idx file of unsigned bytes")
@@ -192,21 +207,34 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_fashion_mnist(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST's "train" or "test" split."""
-    images_stem, labels_stem = FASHION_MNIST_FILES[split]
-    images = read_idx(root / _idx_name(root, images_stem))
-    labels = read_idx(root / _idx_name(root, labels_stem))
-    if len(images) != len(labels):
-        raise DataError(f"{root}: {split} has {len(images)} images but {len(labels)} labels")
+    images, labels, _ = _read_fashion_mnist_split(root, split)
     return images, labels
 
 
-def _decode_fashion_mnist(root: Path, size: int, channels: int) -> dict[str, np.ndarray]:
-    arrays = {}
-    for split in FASHION_MNIST_FILES:
-        images, labels = read_fashion_mnist(root, split)
-        arrays[f"{split}_x"] = np.stack([to_pixels(image, size, size, channels) for image in images])
-        arrays[f"{split}_y"] = labels.astype(np.int64)
-    return arrays
+def _read_fashion_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """(images, labels, each idx file's name -> sha256) of a split: the files are read once for both."""
+    names = [_idx_name(root, stem) for stem in FASHION_MNIST_FILES[split]]
+    raws = [_read_file(root / name) for name in names]
+    images, labels = (_parse_idx(root / name, raw) for name, raw in zip(names, raws))
+    if len(images) != len(labels):
+        raise DataError(f"{root}: {split} has {len(images)} images but {len(labels)} labels")
+    return images, labels, {name: hashlib.sha256(raw).hexdigest() for name, raw in zip(names, raws)}
+
+
+def _fashion_mnist_source(root: Path) -> Source:
+    """Fashion-MNIST's four idx files as one source of two splits, "train" and "test", of array items. The files
+    are read only when the cache is written."""
+    files = [root / _idx_name(root, stem) for stems in FASHION_MNIST_FILES.values() for stem in stems]
+
+    def read() -> dict[str, Split]:
+        splits = {}
+        for split in FASHION_MNIST_FILES:
+            images, labels, hashes = _read_fashion_mnist_split(root, split)
+            splits[split] = Split(images, labels.astype(np.int64), hashes)
+        return splits
+
+    identity = json.dumps([str(path.resolve()) for path in files])
+    return Source(identity, root, files, [None] * len(files), FASHION_MNIST_CLASSES, read)
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[list[Path]]]:
@@ -229,47 +257,16 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[list[Path]]]:
     return [d.name for d in class_dirs], files
 
 
-def _decode_folder(root: Path, files: list[list[Path]], size: int, channels: int) -> dict[str, np.ndarray]:
-    images, labels, skipped = [], [], []
-    total = sum(len(paths) for paths in files)
-    done = 0
-    for label, paths in enumerate(files):
-        for path in paths:
-            try:
-                images.append(to_pixels(path, size, size, channels))
-                labels.append(label)
-            except ImageError:
-                skipped.append(str(path.relative_to(root)))
-            done += 1
-            if done % 500 == 0 or done == total:
-                print(f"\rdecoding images: {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
-    return {
-        "train_x": np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8),
-        "train_y": np.array(labels, dtype=np.int64),
-        "skipped": np.array(skipped, dtype=str),
-    }
-
-
-def _fingerprint(root: Path, paths: list[Path]) -> str:
-    """sha256 over each file's path (relative to root) and contents."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def _cached(fingerprint: str, size: int, channels: int, decode) -> dict[str, np.ndarray]:
-    key = hashlib.sha256(f"{fingerprint}:{size}:{channels}:{CACHE_VERSION}".encode()).hexdigest()[:24]
-    path = cache_dir() / f"{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError):
-            print(f"warning: {path}: unreadable cache, decoding again", file=sys.stderr)
-    arrays = decode()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    return arrays
+def _folder_source(root: Path) -> Source:
+    """An image folder as one "train" split of files, in class order, each labelled by its class."""
+    class_names, files = scan_image_folder(root)
+    paths = [path for class_files in files for path in class_files]
+    labels = [label for label, class_files in enumerate(files) for _ in class_files]
+    return Source(
+        str(root.resolve()),
+        root,
+        paths,
+        labels,
+        class_names,
+        lambda: {"train": Split(paths, np.array(labels, dtype=np.int64), {})},
+    )

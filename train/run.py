@@ -218,32 +218,48 @@ def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> Non
     model.optimizer.build(model.trainable_variables)
 
 
+def epoch_indices(count: int, seed: int, epoch: int | tf.Tensor, rank: int, workers: int) -> tf.Tensor:
+    """The indices of the training images worker `rank` of `workers` takes in `epoch`, in order (eager or traced).
+
+    The epoch's order depends only on (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one
+    would have; worker r of N takes every N-th image of it from the r-th on, so the workers' batches together are
+    the single-process batch. The last count % N images of the order sit the epoch out: all take as many steps.
+    """
+    seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    order = tf.argsort(tf.random.stateless_uniform([count], seed=seeds))
+    return order[: count // workers * workers][rank::workers]
+
+
 def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
-    """This worker's batches for epochs start_epoch.. onwards. Each epoch's order depends only on (seed, epoch),
-    so a resumed run sees exactly the batches an uninterrupted one would have; worker r of N takes every
-    N-th image of it from the r-th on, so the workers' batches together are the single-process batch."""
-    images = tf.constant(data.train_x)
-    labels = tf.one_hot(data.train_y, len(data.class_names))
-    count, batch_size, seed = len(data.train_y), config["batch_size"], config["seed"]
-    augment = config["augment"]
+    """This worker's batches for epochs start_epoch.. onwards, in the order of `epoch_indices`. Each batch's
+    images are read from data.train_x when it is due, several in parallel: the split is never held whole."""
+    images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
+    count, batch_size, seed, augment = len(data.train_y), config["batch_size"], config["seed"], config["augment"]
     workers, rank = distributed.size(), distributed.rank()
-    usable = _shard_size(count) * workers
 
     def one_epoch(epoch):
-        order = tf.argsort(tf.random.stateless_uniform([count], seed=tf.stack([seed, epoch])))
-        shard = order[:usable][rank::workers]
+        shard = epoch_indices(count, seed, epoch, rank, workers)
         batches = tf.data.Dataset.from_tensor_slices(shard).batch(batch_size).enumerate()
 
-        def gather(step, indices):
-            x = tf.cast(tf.gather(images, indices), tf.float32)
+        def load(step, indices):
+            x = _read(images, lambda idx: images[idx], indices)
             if augment:
                 x = _augment(x, tf.stack([epoch * workers + rank, step]))
-            return x, tf.gather(labels, indices)
+            # One-hot per batch, never for the whole set: label smoothing needs the categorical loss.
+            return x, tf.one_hot(tf.gather(labels, indices), num_classes)
 
-        return batches.map(gather)
+        return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     epochs = tf.data.Dataset.range(start_epoch, config["epochs"], output_type=tf.int64)
     return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def _read(images, read, key: tf.Tensor) -> tf.Tensor:
+    """The float32 batch `read(key)` returns from `images` (uint8, maybe a view of files on disk). Not stateful:
+    the same key reads the same pixels, so tf.data still reads in parallel and prefetches under op determinism."""
+    batch = tf.numpy_function(read, [key], tf.uint8, stateful=False)
+    batch.set_shape((None, *images.shape[1:]))
+    return tf.cast(batch, tf.float32)
 
 
 def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -258,12 +274,24 @@ def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(batch, 0.0, 255.0)
 
 
+def _image_batches(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Consecutive float32 batches of `x`, read in parallel ahead of use."""
+
+    def load(start):
+        return _read(x, lambda first: x[first : first + batch_size], start)
+
+    starts = tf.data.Dataset.range(0, len(x), batch_size)
+    return starts.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
 def _eval_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:
-    return (
-        tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, num_classes)))
-        .batch(batch_size)
-        .map(lambda images, labels: (tf.cast(images, tf.float32), labels))
-    )
+    labels = tf.data.Dataset.from_tensor_slices(y).batch(batch_size).map(lambda batch: tf.one_hot(batch, num_classes))
+    return tf.data.Dataset.zip((_image_batches(x, batch_size), labels))
+
+
+def _predicted_classes(model, x: np.ndarray) -> np.ndarray:
+    """The model's top class for each image of `x`, batch by batch: only the class indices are kept."""
+    return np.concatenate([np.argmax(model.predict_on_batch(batch), axis=1) for batch in _image_batches(x, 256)])
 
 
 class RunWriter(keras.callbacks.Callback):
@@ -344,7 +372,7 @@ def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds
     """Evaluate the best model on validation (and test) data, plot its confusion matrix, write summary.json."""
     model = keras.models.load_model(run / "best.keras", compile=False)
     best = max(history, key=lambda row: row["val_accuracy"])
-    val_pred = np.argmax(model.predict(data.val_x.astype(np.float32), batch_size=256, verbose=0), axis=1)
+    val_pred = _predicted_classes(model, data.val_x)
     matrix = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
     np.add.at(matrix, (data.val_y, val_pred), 1)
     plot_confusion(
@@ -368,7 +396,7 @@ def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds
         "versions": versions(),
     }
     if data.test_y is not None:
-        test_pred = np.argmax(model.predict(data.test_x.astype(np.float32), batch_size=256, verbose=0), axis=1)
+        test_pred = _predicted_classes(model, data.test_x)
         summary["test_accuracy"] = float(np.mean(test_pred == data.test_y))
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
     test = f", test accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""

@@ -1,0 +1,359 @@
+"""The on-disk data cache: found without reading the sources, rebuilt when they change, resumed after a kill,
+repaired when damaged, one clear line on a full disk, and views that index like numpy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from serve.preprocess import to_pixels
+from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
+from train import cache
+from train.data import (
+    cap_per_class,
+    data_source,
+    find_fashion_mnist,
+    load_dataset,
+    read_idx,
+    scan_image_folder,
+    verify_data,
+)
+
+# Loads a folder's data set in a process of its own (what `pipeline train` does first, without TensorFlow).
+LOAD = [
+    sys.executable,
+    "-c",
+    "import sys; from pipeline.config import load_config; from train.data import load_dataset; "
+    "load_dataset(load_config(None, {'data': sys.argv[1], 'input_size': 24, 'channels': 3, 'cache_dir': sys.argv[2]}))",
+]
+
+
+def folder_config(root: Path, cache_dir: Path, **changes) -> dict:
+    return load_config(
+        None, {"data": str(root), "input_size": 24, "channels": 3, "cache_dir": str(cache_dir), **changes}
+    )
+
+
+def decoded(stderr: str) -> list[int]:
+    """The image counts each ingest reported decoding."""
+    return [int(n) for n in re.findall(r"decoding (\d+) images", stderr)]
+
+
+def cache_folder(cache_dir: Path) -> Path:
+    """The one cache in `cache_dir`."""
+    (folder,) = [path for path in cache_dir.iterdir() if path.is_dir()]
+    return folder
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def content_fingerprint(root: Path) -> str:
+    """sha256 over each source file's relative name and content hash, in path order, computed independently."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def edit_keeping_size_and_time(path: Path) -> None:
+    """New pixels in a BMP (fixed size for its dimensions), with its old mtime put back: only the content changes."""
+    before = path.stat()
+    image = Image.open(path)
+    Image.fromarray(255 - np.asarray(image)).save(path, format="BMP")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+def test_second_run_finds_the_cache_without_reading_the_sources(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes", per_class=6)
+    config = folder_config(root, tmp_path / "cache")
+    first = load_dataset(config)
+    assert decoded(capsys.readouterr().err) == [18]
+    assert first.fingerprint == content_fingerprint(root)  # hashed while decoding, as before the cache
+
+    edited = root / "blue_stripes" / "003.bmp"
+    edit_keeping_size_and_time(edited)
+    second = load_dataset(config)
+    assert decoded(capsys.readouterr().err) == []
+    # The old pixels and the old fingerprint: the edited file's contents were neither decoded nor hashed.
+    assert second.fingerprint == first.fingerprint != content_fingerprint(root)
+    for split in ("train", "val"):
+        assert np.array_equal(getattr(second, f"{split}_x")[:], getattr(first, f"{split}_x")[:])
+
+
+def test_verify_data_catches_a_silent_edit_and_rebuilds_the_cache(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes", per_class=6)
+    cache_dir = tmp_path / "cache"
+    load_dataset(folder_config(root, cache_dir))
+    edit_keeping_size_and_time(root / "blue_stripes" / "003.bmp")
+
+    result = run_pipeline(
+        "train",
+        "--data",
+        str(root),
+        "--name",
+        "verified",
+        "--verify-data",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        *("--set", "input_size=24", "--set", "channels=3", "--set", f"cache_dir={cache_dir}"),
+        *("--set", f"runs_dir={tmp_path / 'runs'}"),
+    )
+    assert "1 of 18 source files changed since the data cache was built" in result.stderr
+    assert "blue_stripes/003.bmp" in result.stderr and decoded(result.stderr) == [18]
+    data_json = json.loads((tmp_path / "runs" / "verified" / "data.json").read_text())
+    assert data_json["fingerprint"] == content_fingerprint(root)
+
+    verify_data(folder_config(root, cache_dir))
+    assert "18 source files verified against the data cache" in capsys.readouterr().err
+
+
+def test_changed_folder_input_size_or_version_is_another_cache(tmp_path, capsys, monkeypatch):
+    root = make_image_folder(tmp_path / "shapes", per_class=5)
+    cache_dir = tmp_path / "cache"
+    load_dataset(folder_config(root, cache_dir))
+    assert decoded(capsys.readouterr().err) == [15]
+
+    changes = {
+        "file added": lambda: Image.new("RGB", (30, 30), (0, 0, 230)).save(root / "blue_stripes" / "new.png"),
+        "file removed": lambda: (root / "green_discs" / "001.jpg").unlink(),
+        "file edited": lambda: Image.new("RGB", (33, 33), (9, 9, 9)).save(root / "red_squares" / "000.png"),
+    }
+    for change, apply in changes.items():
+        apply()
+        data = load_dataset(folder_config(root, cache_dir))
+        files = sum(len(paths) for paths in scan_image_folder(root)[1])
+        assert decoded(capsys.readouterr().err) == [files], change
+        assert len(data.train_y) + len(data.val_y) == files and data.fingerprint == content_fingerprint(root)
+    # The edited image is the one now in the cache.
+    reference = to_pixels(root / "red_squares" / "000.png", 24, 24, 3)
+    assert any(np.array_equal(image, reference) for image in np.concatenate([data.train_x[:], data.val_x[:]]))
+    assert len(list(cache_dir.glob("*/manifest.json"))) == 4
+
+    for other in ({"input_size": 20}, {"channels": 1}):
+        data = load_dataset(folder_config(root, cache_dir, **other))
+        assert decoded(capsys.readouterr().err) == [files]
+        assert data.train_x.shape[1:] == (other.get("input_size", 24),) * 2 + (other.get("channels", 3),)
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)
+    load_dataset(folder_config(root, cache_dir))
+    assert decoded(capsys.readouterr().err) == [files]
+    assert len(list(cache_dir.glob("*/manifest.json"))) == 7
+
+
+@pytest.fixture(scope="module")
+def large_folder(tmp_path_factory) -> Path:
+    """900 images large enough that decoding them takes a while (about a second on two cores)."""
+    return make_image_folder(tmp_path_factory.mktemp("large") / "shapes", per_class=300, size=160)
+
+
+def test_killed_ingest_resumes_and_ends_byte_identical(tmp_path, large_folder):
+    root = large_folder
+    env = {**os.environ, "PIPELINE_CACHE_SHARD_IMAGES": "40"}  # 23 shards
+    subprocess.run([*LOAD, str(root), str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    worker = subprocess.Popen(
+        [*LOAD, str(root), str(killed)], env=env, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while not list(killed.glob("*/train-00000.json")) and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(worker.pid, signal.SIGKILL)  # the loader and its decoding processes, as a kill -9 of the job
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL, "the ingest ended before it could be interrupted"
+    folder = cache_folder(killed)
+    assert not (folder / "manifest.json").exists()
+
+    result = subprocess.run([*LOAD, str(root), str(killed)], env=env, check=True, capture_output=True, text=True)
+    (count,) = decoded(result.stderr)
+    assert 0 < count < 900 and "shards already written" in result.stderr
+    straight = cache_folder(tmp_path / "straight")
+    assert straight.name == folder.name
+    assert files_of(folder) == files_of(straight)  # no temp file left over, every shard and sidecar the same
+
+
+def test_damaged_shard_is_detected_and_rebuilt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_IMAGES", 8)
+    root = make_image_folder(tmp_path / "shapes", per_class=8)
+    config = folder_config(root, tmp_path / "cache")
+    first = load_dataset(config)
+    folder = cache_folder(tmp_path / "cache")
+    intact = files_of(folder)
+    shard = folder / "train-00001.u8"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0x01
+    shard.write_bytes(bytes(damaged))
+    capsys.readouterr()
+
+    again = load_dataset(config)
+    err = capsys.readouterr().err
+    assert f"{shard}: damaged cache shard" in err and decoded(err) == [8]
+    assert np.array_equal(again.train_x[:], first.train_x[:]) and np.array_equal(again.val_x[:], first.val_x[:])
+    assert files_of(folder) == intact
+
+
+def test_disk_full_during_ingest_is_one_line_and_the_next_run_continues(tmp_path, capsys, monkeypatch):
+    # 44 files in shards of 16: blue_stripes' 10 images and 6 of its 14 unreadable files, 8 unreadable files and 8
+    # images, 12 images. At 24x24x3 the third shard (20,736 bytes) is the one larger than the limit below.
+    root = make_image_folder(tmp_path / "shapes", per_class=10)
+    for i in range(14):
+        (root / "blue_stripes" / f"broken{i:02d}.jpg").write_bytes(b"not a picture")
+    cache_dir = tmp_path / "cache"
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run(
+        [*PIPELINE, "train", "--data", str(root), "--set", "input_size=24", "--set", "channels=3"]
+        + ["--set", f"cache_dir={cache_dir}", "--set", f"runs_dir={tmp_path / 'runs'}"],
+        cwd=ROOT,
+        env={**os.environ, "PIPELINE_CACHE_SHARD_IMAGES": "16"},
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+    )
+    folder = cache_folder(cache_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {folder}: disk full while writing the data cache"), result.stderr
+    # Nothing half-written: two shards complete with their sidecars, no temp file, no manifest.
+    assert sorted(files_of(folder)) == ["train-00000.json", "train-00000.u8", "train-00001.json", "train-00001.u8"]
+
+    monkeypatch.setattr(cache, "SHARD_IMAGES", 16)
+    data = load_dataset(folder_config(root, cache_dir))
+    err = capsys.readouterr().err
+    assert decoded(err) == [12] and "2 of 3 shards already written" in err
+    assert len(data.train_y) + len(data.val_y) == 30 and len(data.skipped) == 14
+
+
+def test_two_processes_ingest_once(tmp_path, large_folder):
+    workers = [
+        subprocess.Popen([*LOAD, str(large_folder), str(tmp_path)], stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    errs = sorted((worker.communicate()[1] for worker in workers), key=lambda err: "waiting" in err)
+    assert [worker.returncode for worker in workers] == [0, 0], errs
+    # One decoded; the other waited for it (its lock), then read its cache without decoding anything.
+    assert decoded(errs[0]) == [900] and "waiting for another process" not in errs[0], errs
+    assert decoded(errs[1]) == [] and "waiting for another process using the data cache" in errs[1], errs
+
+
+def test_fashion_mnist_goes_through_the_cache_at_any_input_size(tmp_path):
+    root = find_fashion_mnist(None)
+    config = load_config(
+        None, {"input_size": 32, "channels": 3, "cache_dir": str(tmp_path), "max_images_per_class": 20}
+    )
+    data = load_dataset(config)
+    assert {path.name.split("-")[0] for path in cache_folder(tmp_path).glob("*.u8")} == {"train", "test"}
+    images = read_idx(next(root.glob("t10k-images-idx3-ubyte*")))
+    labels = read_idx(next(root.glob("t10k-labels-idx1-ubyte*"))).astype(np.int64)
+    keep = cap_per_class(labels, 20, config["seed"])
+    assert np.array_equal(data.test_y, labels[keep])
+    assert np.array_equal(data.test_x[:], np.stack([to_pixels(images[i], 32, 32, 3) for i in keep]))
+    # The fingerprint is what it was before the cache: over the four idx files' names and contents.
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*-ubyte*")):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    assert data.fingerprint == digest.hexdigest()
+
+
+def test_cache_dir_setting_must_be_a_folder_name():
+    assert load_config(None, {"cache_dir": "/tmp/c"})["cache_dir"] == "/tmp/c"
+    for bad in (5, "", ["a"]):
+        with pytest.raises(ConfigError, match="cache_dir"):
+            load_config(None, {"cache_dir": bad})
+
+
+@pytest.fixture(scope="module")
+def view_and_reference(tmp_path_factory) -> tuple[cache.ImageView, np.ndarray]:
+    """A folder's cached images, in shards of 7 so that reads cross shards, and the same files decoded directly."""
+    tmp = tmp_path_factory.mktemp("view")
+    root = make_image_folder(tmp / "shapes", per_class=11)
+    saved, cache.SHARD_IMAGES = cache.SHARD_IMAGES, 7
+    try:
+        images, _ = cache.open_cache(data_source(folder_config(root, tmp)), 24, 3, tmp / "cache").splits["train"]
+    finally:
+        cache.SHARD_IMAGES = saved
+    files = [path for paths in scan_image_folder(root)[1] for path in paths]
+    return images, np.stack([to_pixels(path, 24, 24, 3) for path in files])
+
+
+def test_image_view_indexes_like_numpy(view_and_reference):
+    view, ref = view_and_reference
+    assert view.shape == ref.shape and view.dtype == np.uint8 and len(view) == len(ref)
+    keys = [
+        0,
+        -1,
+        np.int64(5),
+        slice(None),
+        slice(2, 13, 3),
+        slice(None, None, -2),
+        slice(40, 50),
+        [4, 0, 4, -3],
+        np.array([[1, 2], [15, 3]]),
+        np.arange(len(ref)) % 2 == 0,
+        [],
+    ]
+    for key in keys:
+        got = view[key]
+        assert got.dtype == np.uint8 and np.array_equal(got, ref[key]), key
+    order = np.array([7, 1, 12, 0])
+    assert np.array_equal(view.subset(order)[:], ref[order])
+    assert np.array_equal(view.subset(order).subset([3, 0])[:], ref[order][[3, 0]])
+    for key in (len(ref), -len(ref) - 1, [0, len(ref)]):
+        with pytest.raises(IndexError):
+            view[key]
+        with pytest.raises(IndexError):
+            ref[key]
+    with pytest.raises(TypeError, match="refusing to load all"):
+        np.asarray(view)
+
+
+def test_image_view_reads_from_threads_and_forked_children_agree(view_and_reference):
+    view, ref = view_and_reference
+    failures = []
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            key = rng.integers(0, len(ref), 5)
+            if not np.array_equal(view[key], ref[key]):
+                failures.append(key)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+    view[0]  # the parent's files are open; a forked child opens its own
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.write(write_end, view[[3, 9]].tobytes())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert child == ref[[3, 9]].tobytes()

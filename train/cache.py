@@ -1,0 +1,545 @@
+"""The on-disk data cache: every source image decoded once, through serve's preprocessing, into fixed-size raw uint8
+shards that training reads image by image with positioned reads, so no process ever holds a whole data set.
+
+    <cache_dir>/<key>/
+      manifest.json      format, source, input size, channels, class names, the source files (name, size, mtime,
+                         label), per split counts, shard size, the data fingerprint; written last
+      train-00000.u8     the images of up to SHARD_IMAGES source items, height*width*channels bytes each, back to back
+      train-00000.json   its sidecar: image count, the .u8's sha256, labels, files skipped, source files' sha256
+      test-00000.u8 ...  (Fashion-MNIST's test split)
+    <cache_dir>/<key>.lock   held while a process checks or writes the cache
+
+The key hashes the source's identity and listing (file names, sizes, mtimes), the input size, channels, the shard
+size and CACHE_VERSION: a folder whose files change, or another input size, is another cache. A shard is used only
+when its sidecar exists, its size is right and its sha256 matches (checked whenever the cache is opened); anything
+else is decoded again. Shards are written in order, each atomically and its sidecar after it, so an interrupted
+ingest continues at the first missing shard and ends with the same bytes an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing
+import operator
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serve.errors import ImageError, PipelineError
+from serve.files import atomic_path, read_regular_file, write_atomic
+from serve.preprocess import MAX_IMAGE_BYTES, to_pixels
+
+FORMAT = "edge-pipeline data cache"
+# Bump when serve's preprocessing or this layout changes what a cache holds, so that older caches are never read.
+CACHE_VERSION = 2
+# Source items per shard. 4096 images are 600 MiB at 224x224x3, 3 MiB at 28x28: few files even for ImageNet (313,
+# each kept open by the processes reading it), and an interrupted ingest loses at most one shard's work. Tests make
+# it small with PIPELINE_CACHE_SHARD_IMAGES.
+SHARD_IMAGES = int(os.environ.get("PIPELINE_CACHE_SHARD_IMAGES") or 4096)
+CHUNK = 64  # images per task of a decoding process
+# Starting a decoding process costs about half a second of imports: fewer tasks than this are decoded in-process.
+POOL_MIN_TASKS = 8
+HASH_THREADS = 4  # hashlib releases the GIL on large buffers: shards are checked in parallel
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files"}
+
+
+class CacheError(PipelineError):
+    """A data cache that cannot be written or read."""
+
+
+@dataclass
+class Split:
+    """One split's items in order: image files (read, hashed and decoded by the ingest), or uint8 arrays
+    (Fashion-MNIST's rows) read from `files`, relative name -> sha256."""
+
+    items: Sequence[Path] | np.ndarray
+    labels: np.ndarray
+    files: dict[str, str]
+
+
+@dataclass
+class Source:
+    """A data source as the cache sees it. `read` gives its splits; it is called only when shards must be written."""
+
+    identity: str  # what the source is on this machine: the resolved folder, or the idx files' resolved paths
+    root: Path  # the files' names are relative to it
+    files: list[Path]  # every source file, in the order of the listing
+    labels: list[int | None]  # each file's label (None for a file of many images)
+    class_names: list[str]
+    read: Callable[[], dict[str, Split]]
+
+
+@dataclass
+class Cache:
+    """An opened, checked cache: its splits as views of the shard files, with their labels."""
+
+    folder: Path
+    fingerprint: str  # sha256 over each source file's relative name and content sha256
+    skipped: list[str]  # source files (relative names) that are not readable images
+    splits: dict[str, tuple[ImageView, np.ndarray]]  # name -> (images, int64 labels)
+
+
+def open_cache(source: Source, size: int, channels: int, cache_dir: Path) -> Cache:
+    """The cache of `source` at this input size under `cache_dir`, built (or completed, or repaired) first if needed.
+
+    Concurrent processes (Horovod workers on one host, or hosts sharing a filesystem) take a lock: one writes,
+    the others wait, then read what it wrote.
+    """
+    listing = _listing(source)
+    key = cache_key(source, listing, size, channels)
+    folder, shape = cache_dir / key, (size, size, channels)
+    with _writing(folder):
+        with _locked(cache_dir / f"{key}.lock", folder, shared=True):
+            cache = _open_complete(folder, shape)
+        if cache is None:
+            with _locked(cache_dir / f"{key}.lock", folder, shared=False):
+                cache = _open_complete(folder, shape) or _build(folder, source, listing, shape)
+    return cache
+
+
+def verify_cache(source: Source, size: int, channels: int, cache_dir: Path) -> None:
+    """Hash every source file again and compare with the hashes the cache recorded while ingesting them. On any
+    difference (a file edited without a change of size or mtime) remove the cache, so that it is built again."""
+    listing = _listing(source)
+    key = cache_key(source, listing, size, channels)
+    folder = cache_dir / key
+    with _writing(folder), _locked(cache_dir / f"{key}.lock", folder, shared=False):
+        recorded: dict[str, str] = {}
+        for path in sorted(folder.glob("[!.]*-*.json")):
+            sidecar = _read_json(path)
+            if sidecar is not None:
+                recorded.update(dict(sidecar.get("files", [])))
+        if not recorded:
+            return  # nothing cached yet: the ingest hashes each file as it reads it
+        names = [entry[0] for entry in listing]
+        with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+            fresh = dict(zip(names, pool.map(_file_sha256, source.files)))
+        changed = sorted(name for name, digest in recorded.items() if fresh.get(name) != digest)
+        if not changed:
+            print(f"{source.root}: {len(names)} source files verified against the data cache", file=sys.stderr)
+            return
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        print(
+            f"warning: {source.root}: {len(changed)} of {len(names)} source files changed since the data cache "
+            f"was built, with the same sizes and times ({shown}); building the cache again",
+            file=sys.stderr,
+        )
+        shutil.rmtree(folder)
+
+
+def cache_key(source: Source, listing: list[list], size: int, channels: int) -> str:
+    digest = hashlib.sha256(json.dumps([FORMAT, CACHE_VERSION, source.identity, size, channels, SHARD_IMAGES]).encode())
+    for entry in listing:
+        digest.update(json.dumps(entry).encode() + b"\n")
+    return digest.hexdigest()[:24]
+
+
+class ImageView:
+    """Cached images as a read-only uint8 (N, H, W, C) array-like: indexing reads them from the shard files.
+
+    view[i] is one (H, W, C) image; view[a:b], view[indices] and view[mask] are (n, H, W, C) arrays in the order
+    asked, as numpy would give them. A batch costs one read per run of consecutive images. Safe to read from
+    several threads, and in forked processes (each opens the files again).
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, files: _ShardFiles, indices: np.ndarray) -> None:
+        self._files, self._indices = files, indices
+        self.shape: tuple[int, int, int, int] = (len(indices), *files.image_shape)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, key: int | slice | np.ndarray | list) -> np.ndarray:
+        if isinstance(key, tuple):
+            raise TypeError("ImageView takes one index: an integer, a slice, or an array of indices or booleans")
+        if isinstance(key, (int, np.integer)):
+            index = operator.index(key)
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"index {index} is out of bounds for {len(self)} images")
+            return self._files.read(self._indices[[index]])[0]
+        if isinstance(key, slice):
+            return self._files.read(self._indices[key])
+        picked = self._indices[_index_array(key)]  # numpy's own rules: negative indices, masks, bounds
+        return self._files.read(picked.ravel()).reshape(*picked.shape, *self.shape[1:])
+
+    def subset(self, indices: np.ndarray) -> ImageView:
+        """A view of some of these images, in the order of `indices`; nothing is read."""
+        return ImageView(self._files, self._indices[_index_array(indices)])
+
+    def __array__(self, dtype=None, copy=None):
+        # Without this numpy would build an array image by image through __getitem__: a whole data set in memory.
+        raise TypeError(
+            f"refusing to load all {len(self)} cached images into one array; index the view (view[a:b]) instead"
+        )
+
+
+def _index_array(key) -> np.ndarray:
+    key = np.asarray(key)
+    if key.size == 0 and key.dtype != bool:
+        return key.astype(np.intp)  # [] is an empty list of indices
+    if key.dtype.kind not in "iub":
+        raise IndexError(f"ImageView indices must be integers or booleans, not {key.dtype}")
+    return key
+
+
+class _ShardFiles:
+    """The shard files of one split, opened lazily by each process and read with os.pread (no shared offset)."""
+
+    def __init__(self, paths: list[Path], counts: list[int], image_shape: tuple[int, int, int]) -> None:
+        self.paths, self.image_shape = paths, image_shape
+        self.image_bytes = math.prod(image_shape)
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._fds: dict[tuple[int, int], int] = {}  # (pid, shard) -> fd: after a fork the child opens its own
+        self._lock = threading.Lock()
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Images at `indices` (into the split), in that order."""
+        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        if not len(indices):
+            return out
+        order = np.argsort(indices, kind="stable")
+        wanted = indices[order]
+        shards = np.searchsorted(self.starts, wanted, side="right") - 1
+        # A run of images read at once ends where the next one is not the following image of the same shard.
+        ends = [*(np.flatnonzero((np.diff(wanted) != 1) | (np.diff(shards) != 0)) + 1), len(wanted)]
+        begin = 0
+        for end in ends:
+            shard = int(shards[begin])
+            offset = int(wanted[begin] - self.starts[shard]) * self.image_bytes
+            data = self._pread(shard, (end - begin) * self.image_bytes, offset)
+            out[order[begin:end]] = np.frombuffer(data, np.uint8).reshape(end - begin, *self.image_shape)
+            begin = end
+        return out
+
+    def _pread(self, shard: int, length: int, offset: int) -> bytes:
+        fd, parts, done = self._fd(shard), [], 0
+        while done < length:
+            part = os.pread(fd, length - done, offset + done)
+            if not part:
+                raise CacheError(f"{self.paths[shard]}: cache shard shorter than its record (changed while in use?)")
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fd(self, shard: int) -> int:
+        key = (os.getpid(), shard)
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    try:
+                        fd = os.open(self.paths[shard], os.O_RDONLY)
+                    except OSError as err:
+                        raise CacheError(f"{self.paths[shard]}: cannot read cache shard ({err.strerror})") from None
+                    self._fds[key] = fd
+        return fd
+
+    def __del__(self) -> None:
+        for (pid, _), fd in self._fds.items():
+            if pid == os.getpid():
+                os.close(fd)
+
+
+def _listing(source: Source) -> list[list]:
+    """[relative name, size, mtime_ns] of every source file: what finds the cache without reading contents."""
+    listing = []
+    for path in source.files:
+        try:
+            info = path.stat()
+        except OSError as err:
+            raise CacheError(f"{path}: cannot read ({err.strerror})") from None
+        listing.append([str(path.relative_to(source.root)), info.st_size, info.st_mtime_ns])
+    return listing
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """OS errors while using the cache as one line naming its folder; a full disk says what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise CacheError(
+                f"{folder}: disk full while writing the data cache ({err.strerror}); free space there or set "
+                "cache_dir to another disk, then run again: it continues where it stopped"
+            ) from None
+        raise CacheError(f"{folder}: cannot use the data cache ({err.strerror}: {err.filename})") from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path, folder: Path, shared: bool) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{folder}: waiting for another process using the data cache", file=sys.stderr)
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _shard_path(folder: Path, split: str, index: int, suffix: str) -> Path:
+    return folder / f"{split}-{index:05d}{suffix}"
+
+
+def _shard_ranges(items: int) -> list[tuple[int, int]]:
+    return [(start, min(start + SHARD_IMAGES, items)) for start in range(0, items, SHARD_IMAGES)]
+
+
+def _check_shard(
+    folder: Path, split: str, index: int, items: int, shape: tuple, files: dict[str, str], warn: bool
+) -> dict | None:
+    """The shard's sidecar if the shard is complete and intact: sidecar present, size right, sha256 matching, and
+    made from these `files` (where known). Otherwise None, with a warning (if `warn`) when the shard was damaged."""
+    sidecar = _read_json(_shard_path(folder, split, index, ".json"))
+    if sidecar is None or not SIDECAR_KEYS <= sidecar.keys():
+        return None  # never finished: decoded again silently
+    if sidecar["items"] != items or len(sidecar["labels"]) != sidecar["count"]:
+        return None
+    if not set(files.items()) <= {tuple(entry) for entry in sidecar["files"]}:
+        return None  # made from other contents of these files
+    data = _shard_path(folder, split, index, ".u8")
+    try:
+        size_ok = data.stat().st_size == sidecar["count"] * math.prod(shape)
+        intact = size_ok and _file_sha256(data) == sidecar["sha256"]
+    except OSError:
+        intact = False
+    if not intact and warn:
+        print(f"warning: {data}: damaged cache shard (size or checksum wrong); decoding it again", file=sys.stderr)
+    return sidecar if intact else None
+
+
+def _open_complete(folder: Path, shape: tuple) -> Cache | None:
+    """The cache in `folder` if its manifest and every shard are intact, else None (nothing is written)."""
+    manifest = _read_json(folder / "manifest.json")
+    if manifest is None or manifest.get("format") != FORMAT or manifest.get("version") != CACHE_VERSION:
+        return None  # none yet, or another version's
+    plan = [
+        (name, index, end - start)
+        for name, counts in manifest["splits"].items()
+        for index, (start, end) in enumerate(_shard_ranges(counts["items"]))
+    ]
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+        sidecars = list(pool.map(lambda p: _check_shard(folder, *p, shape, {}, warn=False), plan))
+    if any(sidecar is None for sidecar in sidecars):
+        return None
+    return _assemble(folder, manifest, plan, sidecars, shape)
+
+
+def _assemble(folder: Path, manifest: dict, plan: list[tuple], sidecars: list[dict], shape: tuple) -> Cache:
+    splits, skipped = {}, []
+    for name in manifest["splits"]:
+        mine = [(index, sidecar) for (split, index, _), sidecar in zip(plan, sidecars) if split == name]
+        files = _ShardFiles(
+            [_shard_path(folder, name, index, ".u8") for index, _ in mine], [s["count"] for _, s in mine], shape
+        )
+        labels = np.array([label for _, s in mine for label in s["labels"]], dtype=np.int64)
+        splits[name] = (ImageView(files, np.arange(len(labels))), labels)
+        skipped += [entry for _, s in mine for entry in s["skipped"]]
+    return Cache(folder, manifest["fingerprint"], skipped, splits)
+
+
+def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> Cache:
+    """Write what is missing or damaged in `folder`, then the manifest. Called holding the exclusive lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*"):  # temp files of a write that was killed
+        stale.unlink()
+    splits = source.read()
+    plan = [
+        (name, index, end - start)
+        for name, split in splits.items()
+        for index, (start, end) in enumerate(_shard_ranges(len(split.items)))
+    ]
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+        sidecars = list(pool.map(lambda p: _check_shard(folder, *p, shape, splits[p[0]].files, warn=True), plan))
+    todo = [i for i, sidecar in enumerate(sidecars) if sidecar is None]
+    for i, sidecar in zip(todo, _ingest(folder, source, splits, [plan[i] for i in todo], len(plan), shape)):
+        sidecars[i] = sidecar
+
+    hashes = {name: digest for sidecar in sidecars for name, digest in sidecar["files"]}
+    images = collections.Counter()
+    for (name, _, _), sidecar in zip(plan, sidecars):
+        images[name] += sidecar["count"]
+    manifest = {
+        "format": FORMAT,
+        "version": CACHE_VERSION,
+        "source": source.identity,
+        "input_size": shape[0],
+        "channels": shape[2],
+        "class_names": source.class_names,
+        "files": [[*entry, label] for entry, label in zip(listing, source.labels)],
+        "splits": {name: {"items": len(split.items), "images": images[name]} for name, split in splits.items()},
+        "shard_images": SHARD_IMAGES,
+        "fingerprint": fingerprint(source, hashes),
+    }
+    write_atomic(folder / "manifest.json", json.dumps(manifest, sort_keys=True))
+    return _assemble(folder, manifest, plan, sidecars, shape)
+
+
+def fingerprint(source: Source, hashes: dict[str, str]) -> str:
+    """sha256 over each source file's name (relative to the source's root) and content sha256, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(source.files):
+        name = str(path.relative_to(source.root))
+        digest.update(name.encode() + b"\0")
+        digest.update(bytes.fromhex(hashes[name]))
+    return digest.hexdigest()
+
+
+def _ingest(
+    folder: Path, source: Source, splits: dict[str, Split], todo: list[tuple], shards: int, shape: tuple
+) -> Iterator[dict]:
+    """Decode and write the shards in `todo`, in order, yielding each one's sidecar once it is written."""
+    size, channels = shape[0], shape[2]
+    tasks = []
+    for name, index, items in todo:
+        first = index * SHARD_IMAGES
+        for start in range(first, first + items, CHUNK):
+            tasks.append((splits[name].items[start : min(start + CHUNK, first + items)], size, channels))
+    workers = min(len(os.sched_getaffinity(0)), len(tasks))
+    total = sum(items for _, _, items in todo)
+    kept = f", {shards - len(todo)} of {shards} shards already written" if len(todo) < shards else ""
+    processes = workers if len(tasks) >= POOL_MIN_TASKS else 1
+    plural = "es" if processes > 1 else ""
+    print(f"data cache {folder}: decoding {total} images ({processes} process{plural}{kept})", file=sys.stderr)
+    progress = _Progress(total)
+    with contextlib.ExitStack() as stack:
+        if processes > 1:
+            # spawn, not fork: forking a process whose TensorFlow threads run can deadlock the child.
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes))
+            results = _bounded_imap(pool, tasks, 4 * processes)
+        else:
+            results = map(_decode_chunk, tasks)
+        for name, index, items in todo:
+            yield _write_shard(folder, name, index, items, splits[name], source.root, results, progress)
+
+
+def _bounded_imap(pool, tasks: list, ahead: int) -> Iterator[list]:
+    """pool.imap's results in order, with at most `ahead` tasks in flight: decoded images wait in memory only that
+    far ahead of the disk (imap would queue every task and hold every result the writer has not yet taken)."""
+    pending: collections.deque = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_decode_chunk, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _write_shard(
+    folder: Path, name: str, index: int, items: int, split: Split, root: Path, results: Iterator, progress
+) -> dict:
+    digest, labels, skipped, files = hashlib.sha256(), [], [], []
+    first = index * SHARD_IMAGES
+    with atomic_path(_shard_path(folder, name, index, ".u8")) as tmp, open(tmp, "wb") as out:
+        for start in range(first, first + items, CHUNK):
+            chunk = next(results)
+            for i, (pixels, file_digest) in enumerate(chunk, start):
+                item_name = None if file_digest is None else str(split.items[i].relative_to(root))
+                if item_name is not None:
+                    files.append([item_name, file_digest])
+                if pixels is None:
+                    skipped.append(item_name)
+                    continue
+                out.write(pixels)
+                digest.update(pixels)
+                labels.append(int(split.labels[i]))
+            progress.advance(len(chunk))
+    sidecar = {
+        "items": items,
+        "count": len(labels),
+        "sha256": digest.hexdigest(),
+        "labels": labels,
+        "skipped": skipped,
+        "files": files + [[file, file_digest] for file, file_digest in split.files.items()],
+    }
+    write_atomic(_shard_path(folder, name, index, ".json"), json.dumps(sidecar, sort_keys=True))
+    return sidecar
+
+
+def _decode_chunk(task: tuple) -> list[tuple[bytes | None, str | None]]:
+    """(pixels or None if not a readable image, the file's sha256 or None for an array) per item. Runs in the
+    decoding processes: a file is read once, for both its hash and its pixels."""
+    items, size, channels = task
+    return [_decode(item, size, channels) for item in items]
+
+
+def _decode(item: Path | np.ndarray, size: int, channels: int) -> tuple[bytes | None, str | None]:
+    if isinstance(item, np.ndarray):
+        return to_pixels(item, size, size, channels).tobytes(), None
+    try:
+        data = read_regular_file(str(item), MAX_IMAGE_BYTES, "an image", ImageError)
+    except ImageError:  # too large or unreadable: skipped, hashed as far as it can be read
+        return None, _file_sha256(item)
+    try:
+        pixels = to_pixels(data, size, size, channels).tobytes()
+    except ImageError:
+        pixels = None
+    return pixels, hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """The sha256 of a file's contents, read in blocks; that of nothing for a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return hashlib.sha256().hexdigest()
+
+
+class _Progress:
+    """count/total, images/s and ETA on stderr: rewritten in place on a terminal, a line every ~10% otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.terminal = sys.stderr.isatty()
+        self.shown_at, self.step = 0.0, max(total / 10, 1)
+        self.next_line = self.step
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now, finished = time.monotonic(), self.done >= self.total
+        if self.terminal and not finished and now - self.shown_at < 0.2:
+            return
+        if not self.terminal and not finished and self.done < self.next_line:
+            return
+        while self.next_line <= self.done:
+            self.next_line += self.step
+        self.shown_at = now
+        rate = self.done / max(now - self.started, 1e-6)
+        eta = (self.total - self.done) / rate
+        line = f"decoded {self.done}/{self.total} images, {rate:.0f} images/s, ETA {eta:.0f} s"
+        if self.terminal:
+            print(f"\r{line}", end="\n" if finished else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
