@@ -125,8 +125,8 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     "--resume",
     is_flag=True,
     help="Continue runs/<name> from its last complete checkpoint. It may change epochs, learning_rate, "
-    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints and compression (and --workers), "
-    "not what defines the run (its data, split, model, seed, augmentation or loss).",
+    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, compression and cache_dir "
+    "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss).",
 )
 @click.option(
     "--exist-ok",
