@@ -116,16 +116,41 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
 @click.option("--workers", type=click.IntRange(1), help="Run as N data-parallel Horovod workers (via horovodrun).")
 @click.option("--hosts", help="With --workers: machines and their slots, host1:4,host2:4 (default localhost:N).")
 @click.option(
+    "--min-workers",
+    type=click.IntRange(1),
+    help="Elastic training (Horovod Elastic): go on while at least N workers remain; a lost worker costs the "
+    "batches since the last commit (commit_every), a returning host rejoins. Needs --hosts or "
+    "--host-discovery-script.",
+)
+@click.option("--max-workers", type=click.IntRange(1), help="With --min-workers: at most M workers at a time.")
+@click.option(
+    "--host-discovery-script",
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+    help="With --min-workers: an executable printing the available hosts, one host:slots a line, when asked.",
+)
+@click.option(
     "--worker-timeout",
     default=120,
     show_default=True,
     help="With --workers: seconds a stalled worker may hold up the others before the job stops.",
 )
+@click.option("--ssh-port", type=click.IntRange(1, 65535), help="With --workers: the ssh port of every host.")
+@click.option(
+    "--ssh-identity-file",
+    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+    help="With --workers: the private key ssh logs in to the hosts with.",
+)
+@click.option(
+    "--network-interface",
+    metavar="NAME",
+    help="With --workers: the network interface the workers talk over, e.g. eth0 (default: one all hosts "
+    "share). horovodrun sets HOROVOD_GLOO_IFACE itself, over yours: this option is the way to choose it.",
+)
 @click.option(
     "--resume",
     is_flag=True,
     help="Continue runs/<name> from its last complete checkpoint. It may change epochs, learning_rate, "
-    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, compression and cache_dir "
+    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, commit_every, compression and cache_dir "
     "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss).",
 )
 @click.option(
@@ -152,7 +177,13 @@ def train(
     compression,
     workers,
     hosts,
+    min_workers,
+    max_workers,
+    host_discovery_script,
     worker_timeout,
+    ssh_port,
+    ssh_identity_file,
+    network_interface,
     resume,
     exist_ok,
     verify_data,
@@ -163,12 +194,25 @@ def train(
     Alone:              pipeline train ...
     Several processes:  pipeline train --workers 2 ...
     Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
+    Elastic:            pipeline train --min-workers 2 --max-workers 8 --host-discovery-script ./hosts.sh ...
     or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
     """
     from pipeline.config import config_file_path, parse_override, train_config
 
-    if hosts and not workers:
-        raise click.UsageError("--hosts needs --workers")
+    if hosts and not (workers or min_workers):
+        raise click.UsageError("--hosts needs --workers or --min-workers")
+    ssh_options = {"--ssh-port": ssh_port, "--ssh-identity-file": ssh_identity_file}
+    for option, value in (ssh_options | {"--network-interface": network_interface}).items():
+        if value is not None and not (workers or min_workers):
+            raise click.UsageError(f"{option} needs --workers or --min-workers")
+    if min_workers and workers:
+        raise click.UsageError("--min-workers and --workers exclude each other: elastic or fixed")
+    if (max_workers or host_discovery_script) and not min_workers:
+        raise click.UsageError("--max-workers and --host-discovery-script need --min-workers")
+    if min_workers and not (hosts or host_discovery_script):
+        raise click.UsageError("--min-workers needs --host-discovery-script or --hosts (two hosts or more)")
+    if max_workers and max_workers < min_workers:
+        raise click.UsageError(f"--max-workers {max_workers} is less than --min-workers {min_workers}")
     if resume and config_path is not None:
         raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
     values = dict(parse_override(text) for text in overrides)
@@ -176,8 +220,8 @@ def train(
     values |= {key: value for key, value in (options | {"pretrained": pretrained}).items() if value is not None}
     config = train_config(config_path, values, resume=resume)  # checked here, before any worker starts
 
-    if workers:
-        from train.launch import run_workers
+    if workers or min_workers:
+        from train.launch import run_elastic_workers, run_workers
 
         # Each worker resolves the same config file and overrides, so all train the same thing.
         args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
@@ -186,9 +230,26 @@ def train(
             args += ["--config", config_file_path(config_path)]
         for key, value in values.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
-        run_workers(workers, hosts, args, worker_timeout)
+        if min_workers:
+            run_elastic_workers(
+                min_workers,
+                max_workers,
+                host_discovery_script,
+                hosts,
+                args,
+                worker_timeout,
+                ssh_port,
+                ssh_identity_file,
+                network_interface,
+            )
+        else:
+            run_workers(workers, hosts, args, worker_timeout, ssh_port, ssh_identity_file, network_interface)
         return
 
+    if "HOROVOD_RANK" in os.environ:  # one of horovodrun's workers: it must not outlive its launcher
+        from train.launch import watch_over_worker
+
+        watch_over_worker()
     from pipeline.tensorflow_env import prepare
 
     prepare()

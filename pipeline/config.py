@@ -38,6 +38,7 @@ DEFAULTS: dict = {
     "compression": "fp16",  # gradients sent between workers as fp16 (half the bytes) or "none" (float32)
     "mixed_precision": False,  # float16 compute on GPUs (untested here: no GPU)
     "keep_checkpoints": 3,  # per-epoch checkpoints kept (the best model is kept apart)
+    "commit_every": 50,  # elastic training: batches between in-memory commits, which a lost worker rolls back to
     "seed": 42,
 }
 
@@ -106,7 +107,7 @@ def validate(config: dict) -> dict:
 
     if isinstance(config["model"], str):
         config["model"] = config["model"].replace("-", "_")  # efficientnet-lite0, as the model is usually spelt
-    positive_ints = ["input_size", "epochs", "batch_size", "keep_checkpoints"]
+    positive_ints = ["input_size", "epochs", "batch_size", "keep_checkpoints", "commit_every"]
     for key in positive_ints:
         need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
     need(config["channels"] in (1, 3), "channels", "must be 1 or 3")

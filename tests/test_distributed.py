@@ -97,6 +97,22 @@ def test_a_worker_without_horovod_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "runs" / "worker").exists()
 
 
+def test_mpirun_with_a_horovod_built_without_mpi_is_refused(tmp_path):
+    import horovod.tensorflow as hvd
+
+    if hvd.mpi_built():
+        pytest.skip("this Horovod was built with MPI: mpirun works")
+    env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")  # as `mpirun -np 2` starts each copy
+    command = [*PIPELINE, "train", "--name", "copy", "--set", f"runs_dir={tmp_path / 'runs'}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: launched by mpirun, but this Horovod was built without MPI: use `pipeline train --workers N` "
+        "(Gloo), or rebuild Horovod with HOROVOD_WITH_MPI=1"
+    )
+    assert not (tmp_path / "runs" / "copy").exists()
+
+
 def test_pretrained_run_directory_needs_no_horovod(tmp_path):
     env = without_horovod(tmp_path / "site")
     script = (
@@ -177,8 +193,9 @@ def test_pipeline_train_with_two_workers_then_quantize_label_and_resume_alone(tm
     assert [(row["epoch"], row["workers"]) for row in history] == [(1, 2), (2, 2), (3, 1)]
 
 
-def worker_pid(rank: int, timeout: float) -> int | None:
-    """The pid of the Horovod worker with this rank, found by its environment."""
+def worker_pid(rank: int, marker: str, timeout: float) -> int | None:
+    """The pid of the Horovod worker with this rank, found by its environment, and by `marker` in its command line
+    (a job of this test's, not another's running beside it)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -187,7 +204,7 @@ def worker_pid(rank: int, timeout: float) -> int | None:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if f"HOROVOD_RANK={rank}".encode() in environ and b"pipeline" in cmdline and b"train" in cmdline:
+            if f"HOROVOD_RANK={rank}".encode() in environ and marker.encode() in cmdline:
                 return int(pid)
         time.sleep(0.1)
     return None
@@ -218,7 +235,7 @@ def test_a_dead_worker_stops_the_job_and_is_named(tmp_path):
         deadline = time.time() + 240
         while not first.exists() and job.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        pid = worker_pid(1, timeout=10)
+        pid = worker_pid(1, str(tmp_path), timeout=10)
         assert pid is not None and job.poll() is None, "the job did not get under way"
         os.kill(pid, signal.SIGKILL)
         killed = time.time()
@@ -229,6 +246,6 @@ def test_a_dead_worker_stops_the_job_and_is_named(tmp_path):
     assert job.returncode == 1
     assert "Traceback" not in stderr
     assert (
-        stderr.strip().splitlines()[-1] == "Error: worker rank 1 died (exit code 137, killed by SIGKILL); "
+        stderr.strip().splitlines()[-1] == "Error: worker rank 1 on localhost died (exit code 137, killed by SIGKILL); "
         "Horovod stopped the job"
     )

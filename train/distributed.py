@@ -42,6 +42,7 @@ def init(mixed_precision: bool = False) -> None:
     variable = launcher_variable()
     if variable:
         hvd, hvd_keras = _import_horovod(variable)
+        _refuse_mpirun_without_mpi()
         # Horovod: initialize Horovod.
         hvd.init()
     gpus = tf.config.list_physical_devices("GPU")
@@ -72,6 +73,22 @@ def _import_horovod(variable: str) -> tuple:
             f"({err}); install it with `make setup`, which builds it against TensorFlow (README: Install by hand)"
         ) from None
     return horovod.tensorflow, horovod.tensorflow.keras
+
+
+def _refuse_mpirun_without_mpi() -> None:
+    """mpirun starts N copies of the command; a Horovod built without MPI would make each one a job of its own:
+    N rank 0s training into one run directory."""
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
+    if "HOROVOD_RANK" not in os.environ and int(size) > 1 and not hvd.mpi_built():
+        raise PipelineError(
+            "launched by mpirun, but this Horovod was built without MPI: use `pipeline train --workers N` (Gloo), "
+            "or rebuild Horovod with HOROVOD_WITH_MPI=1"
+        )
+
+
+def elastic() -> bool:
+    """Whether this worker belongs to an elastic job (horovodrun --min-np: workers may leave and join)."""
+    return hvd is not None and os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def size() -> int:

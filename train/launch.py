@@ -1,55 +1,104 @@
 """`pipeline train --workers N [--hosts ...]`: start the same command as N Horovod workers through
-horovodrun (Gloo), and turn a failed job into one clear line. Imports no TensorFlow."""
+horovodrun (Gloo), and turn a failed job into one clear line naming the rank and its host. Imports no TensorFlow."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from serve.errors import PipelineError
 
 WORKER_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+HOST_SLOTS = re.compile(r"^[\w.-]+:[0-9]+$")  # one item of -H, as horovodrun checks it
+# What ssh itself says when it cannot connect or log in, as opposed to what a worker printed.
+SSH_MESSAGE = re.compile(
+    r"^(ssh: |Permission denied|Host key verification failed|kex_exchange_identification|Connection (closed|reset))"
+)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Under `pipeline train --workers` each worker prints this line to stderr every second; the launcher keeps it to itself.
+HEARTBEAT_VARIABLE = "PIPELINE_HEARTBEAT"
+HEARTBEAT = "pipeline: worker alive"
 
 
-def horovodrun_command(workers: int, hosts: str | None, pipeline_args: list[str]) -> list[str]:
-    """horovodrun -np N -H hosts --gloo <this python> -m pipeline <args>."""
+def rank_hosts(hosts: str, workers: int) -> list[str]:
+    """The host of each rank: horovodrun fills the slots of -H host by host, in order. It starts a worker in
+    every slot, whatever -np says, so the slots must add up to the workers."""
+    names: list[str] = []
+    for item in hosts.split(","):
+        if not HOST_SLOTS.match(item.strip()):
+            raise PipelineError(f"--hosts {hosts}: {item.strip()!r} is not HOST:SLOTS (e.g. gpu1:4,gpu2:4)")
+        name, slots = item.strip().split(":")
+        names += [name] * int(slots)
+    if len(names) != workers:
+        raise PipelineError(
+            f"--hosts {hosts} has {len(names)} slots for {workers} workers: give one slot per worker "
+            "(horovodrun starts a worker in every slot)"
+        )
+    return names
+
+
+def horovodrun_command(
+    workers: int,
+    hosts: str | None,
+    pipeline_args: list[str],
+    ssh_port: int | None = None,
+    ssh_identity_file: str | None = None,
+    network_interface: str | None = None,
+) -> list[str]:
+    """horovodrun -np N -H hosts --gloo [ssh and network options] <this python> -m pipeline <args>."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     if not os.path.exists(horovodrun):
         raise PipelineError(f"{horovodrun}: not found; run `make setup`, which builds horovod")
-    return [
-        horovodrun,
-        "-np",
-        str(workers),
-        "-H",
-        hosts or f"localhost:{workers}",
-        "--gloo",
-        sys.executable,
-        "-m",
-        "pipeline",
-        *pipeline_args,
-    ]
+    options = ["-np", str(workers), "-H", hosts or f"localhost:{workers}", "--gloo"]
+    if ssh_port is not None:
+        options += ["--ssh-port", str(ssh_port)]
+    if ssh_identity_file is not None:
+        options += ["--ssh-identity-file", ssh_identity_file]
+    if network_interface is not None:
+        options += ["--network-interface", network_interface]
+    return [horovodrun, *options, sys.executable, "-m", "pipeline", *pipeline_args]
 
 
-def run_workers(workers: int, hosts: str | None, pipeline_args: list[str], timeout: int) -> None:
+def run_workers(
+    workers: int,
+    hosts: str | None,
+    pipeline_args: list[str],
+    timeout: int,
+    ssh_port: int | None = None,
+    ssh_identity_file: str | None = None,
+    network_interface: str | None = None,
+) -> None:
     """Run the job; rank 0's lines print as if it ran alone, the others' with their rank in front.
 
-    A worker that dies makes horovodrun stop the others at once; a worker that hangs makes the rest stop
-    after `timeout` seconds (Horovod's stall shutdown). Either way: PipelineError naming the rank.
+    A worker that dies makes horovodrun stop the others at once; one silent for `timeout` seconds, not even
+    saying it is alive, makes this launcher stop the job. Either way: PipelineError naming the rank and its host.
     """
     if "HOROVOD_RANK" in os.environ:
         raise PipelineError("--workers inside a Horovod job: drop --workers when launching with horovodrun")
+    hosts = hosts or f"localhost:{workers}"
+    placement = rank_hosts(hosts, workers)
     env = dict(
         os.environ,
         HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
         HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
-        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout),
+        # A backstop: a frozen worker also blocks Gloo, whose timeout would end the job naming no rank.
+        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout + 30),
         PYTHONUNBUFFERED="1",
     )
-    command = horovodrun_command(workers, hosts, pipeline_args)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see _stop_stalled
+    command = horovodrun_command(workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
+    process = start_horovodrun(command, env)
+    heard: dict[int, float] = {}  # rank -> time.monotonic() of its last line
+    stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
+    threading.Thread(target=_stop_stalled, args=(process, heard, timeout, stalled), daemon=True).start()
     launcher_lines, worker_errors = [], {}
     for line in process.stdout:
         line = line.rstrip("\n")
@@ -58,31 +107,174 @@ def run_workers(workers: int, hosts: str | None, pipeline_args: list[str], timeo
             launcher_lines.append(line)
             continue
         rank, stream, text = int(match[1]), match[2], match[3]
+        heard[rank] = time.monotonic()
+        if text == HEARTBEAT:
+            continue
         if text.startswith("Error: "):  # raised once, below, rather than once per worker
             worker_errors.setdefault(rank, text[len("Error: ") :])
+        elif stream == "stderr" and SSH_MESSAGE.match(text):  # ssh could not start this worker: its words
+            worker_errors.setdefault(rank, text)
         elif rank == 0:
             print(text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
         else:
             print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
     code = process.wait()
+    if stalled:
+        rank, seconds = next(iter(stalled.items()))
+        raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
     if code != 0:
-        raise PipelineError(_failure(launcher_lines, worker_errors, code))
+        raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
 
 
-def _failure(launcher_lines: list[str], worker_errors: dict[int, str], code: int) -> str:
-    """The one line that explains a failed job: the first worker to fail, and how."""
+def _stop_stalled(process: subprocess.Popen, heard: dict[int, float], timeout: int, stalled: dict[int, float]) -> None:
+    """Stop the job once a worker has been silent for `timeout` seconds: stopped, frozen or cut off. (Horovod
+    cannot tell: a frozen worker blocks its coordination too, until Gloo times out and the job fails naming no
+    rank.) horovodrun, on SIGTERM, stops every worker."""
+    while process.poll() is None:
+        time.sleep(1)
+        now = time.monotonic()
+        for rank, last in list(heard.items()):
+            if now - last >= timeout:
+                stalled[rank] = now - last
+                process.terminate()
+                return
+
+
+def start_horovodrun(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """horovodrun with its output piped to us, and told to stop when we do, even by kill -9 (Linux's parent-death
+    signal sends it SIGTERM, on which it stops its workers): no worker trains on with nobody to report to."""
+    launcher = os.getpid()
+
+    def die_with_launcher() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=die_with_launcher if sys.platform == "linux" else None,
+    )
+
+
+def watch_over_worker() -> None:
+    """In a worker horovodrun started: a thread that ends the worker as soon as nobody reads its output, and,
+    under `pipeline train --workers`, says it is alive on stderr every second.
+
+    horovodrun stops its workers when it stops, but on another host all it can end is the ssh connection: the
+    worker there would train on, orphaned; its output pipe losing its reader (POLLERR; POLLHUP for a socket) is
+    the sign. The heartbeat lets the launcher tell a stalled worker from a quiet one."""
+    heartbeat = os.environ.get(HEARTBEAT_VARIABLE) == "1"
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # no events asked for: poll returns on error or hang-up alone
+        with contextlib.suppress(OSError):
+            while not poller.poll(1000):
+                if heartbeat:
+                    os.write(sys.stderr.fileno(), f"{HEARTBEAT}\n".encode())  # one write: never inside a line
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-over-worker", daemon=True).start()
+
+
+def _failure(
+    launcher_lines: list[str], worker_errors: dict[int, str], code: int, hosts: list[str] | None = None
+) -> str:
+    """The one line that explains a failed job: the first worker to fail, where, and how."""
     text = "\n".join(launcher_lines)
-    first = re.search(r"Process name: (\d+)", text)  # horovodrun names the first process to fail
+    # horovodrun checks ssh to every host before it starts a worker, and prints what ssh said for each failure.
+    unreachable = re.findall(r"^ssh not successful for host (\S+):\n(.*?)(?:\n\n|\Z)", text, re.M | re.S)
+    if unreachable:
+        return "; ".join(f"cannot reach {host} by ssh: {_last_line(said)}" for host, said in unreachable)
+    first = re.search(r"^Process name: (\d+)\s*$", text, re.M)  # horovodrun names the first process to fail
     exit_code = re.search(r"Exit code: (-?\d+)", text)
-    if first and int(first[1]) in worker_errors:
-        return worker_errors[int(first[1])]  # it said why itself
     if first:
+        rank = int(first[1])
+        where = f"worker rank {rank}" + (f" on {hosts[rank]}" if hosts else "")
+        if rank in worker_errors:  # it said why itself, or ssh did
+            error = worker_errors[rank]
+            return f"{where}: {error}" if SSH_MESSAGE.match(error) else error
         status = int(exit_code[1]) if exit_code else code
+        if status == 255:  # ssh's code when the connection ends without the remote command's status
+            return f"{where} lost (its ssh connection ended with 255: the worker or its host died)"
         how = f"exit code {status}"
         if status > 128 and status - 128 in signal.valid_signals():
             how += f", killed by {signal.Signals(status - 128).name}"
-        return f"worker rank {first[1]} died ({how}); Horovod stopped the job"
+        return f"{where} died ({how}); Horovod stopped the job"
     if worker_errors:
         return worker_errors[min(worker_errors)]
-    last = next((line for line in reversed(launcher_lines) if line.strip()), "no output")
-    return f"horovodrun failed (exit code {code}): {last.strip()}"
+    return f"horovodrun failed (exit code {code}): {_last_line(text)}"
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+
+
+# Seconds a host whose worker failed stays out of an elastic job before the discovery script may return it
+# (without a range, Horovod keeps it out for good).
+BLACKLIST_COOLDOWN = (2, 300)
+
+
+def run_elastic_workers(
+    min_workers: int,
+    max_workers: int | None,
+    discovery_script: str | None,
+    hosts: str | None,
+    pipeline_args: list[str],
+    timeout: int,
+    ssh_port: int | None = None,
+    ssh_identity_file: str | None = None,
+    network_interface: str | None = None,
+) -> None:
+    """Run the job under Horovod Elastic: horovodrun --min-np/--max-np with a host discovery script or a fixed
+    host list. Workers come and go; the job ends when training does, or fails when fewer than `min_workers`
+    remain for Horovod's elastic timeout. Lines print as run_workers prints them, by the worker's first rank."""
+    if "HOROVOD_RANK" in os.environ:
+        raise PipelineError("--min-workers inside a Horovod job: drop it when launching with horovodrun")
+    command = horovodrun_command(min_workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
+    at = command.index("-H")
+    if discovery_script:  # instead of -H: the script names the hosts, each time Horovod asks
+        command[at : at + 2] = ["--host-discovery-script", discovery_script]
+    command[at:at] = ["--min-np", str(min_workers), *(["--max-np", str(max_workers)] if max_workers else [])]
+    command[at:at] = ["--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN)]
+    env = dict(
+        os.environ,
+        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
+        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
+        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout),
+        PYTHONUNBUFFERED="1",
+    )
+    process = start_horovodrun(command, env)
+    launcher_lines, worker_errors = [], {}
+    for line in process.stdout:
+        line = line.rstrip("\n")
+        match = WORKER_LINE.match(line)
+        if not match:
+            launcher_lines.append(line)
+            continue
+        worker, stream, text = int(match[1]), match[2], match[3]
+        if text.startswith("Error: "):
+            worker_errors.setdefault(worker, text[len("Error: ") :])
+        elif stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
+            print(text, flush=True)
+        else:
+            print(f"[worker {worker}] {text}", file=sys.stderr, flush=True)
+    code = process.wait()
+    if code != 0:
+        raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
+
+
+def _elastic_failure(launcher_lines: list[str], worker_errors: dict[int, str], code: int) -> str:
+    """The one line that explains a failed elastic job: the first error a worker gave, or the worker Horovod
+    names, by host and slot ("Process name: 127.0.0.3[0]"): ranks change as workers come and go."""
+    if worker_errors:
+        return next(iter(worker_errors.values()))
+    first = re.search(r"Process name: (\S+)\[(\d+)\]\nExit code: (-?\d+)", "\n".join(launcher_lines))
+    if first:
+        return f"worker on {first[1]} (slot {first[2]}) failed (exit code {first[3]}); the elastic job stopped"
+    return _failure(launcher_lines, {}, code)

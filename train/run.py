@@ -53,12 +53,13 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
             lock.enter_context(run_lock(run, "training"))
             return _start_epoch(run, config, resume, exist_ok)
 
+        if distributed.elastic():
+            return _train_elastic(run, config, claim)
         return _train(run, config, _on_chief(claim))
 
 
 def _train(run: Path, config: dict, start_epoch: int) -> Path:
     chief = distributed.is_chief()
-    previous = yaml.safe_load((run / "config.yaml").read_text()) if start_epoch and chief else None
     data = load_dataset(config)
     if start_epoch:
         _on_chief(lambda: _check_same_data(run, data))
@@ -69,23 +70,14 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
 
     model = _build(config, len(data.class_names))
     steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
-    _compile(model, config, steps_per_epoch, len(data.class_names))
+    _compile(model, config, _schedule(config, steps_per_epoch), len(data.class_names))
     rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
-    if chief and start_epoch == 0:  # only now: a config, data or model that fails must not cost an old run
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
-    history: list[dict] = []
-    if start_epoch and chief:
-        _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
-        history = [row for row in read_history(run) if row["epoch"] <= start_epoch]
-        print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
+    history = _open(run, config, start_epoch, checkpoint) if chief else []
     # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
     distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
     if chief:  # only now: a resume that fails must leave the run's config as it was
-        write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
-        _print_header(run, config, data, model)
+        _write_run_files(run, config, data, model)
     started = time.time()
     if start_epoch < config["epochs"]:
         callbacks = [distributed.MetricAverage()]  # first: the others log averaged metrics
@@ -113,6 +105,91 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
         )
     return _finish(run, config, data, history, time.time() - started, checksums)
+
+
+def _train_elastic(run: Path, config: dict, claim) -> Path:
+    """`_train` under Horovod Elastic (train/elastic.py): epoch by epoch, in a loop that rolls back to the last
+    commit when a worker is lost and takes in one that joins. No collective runs before the loop: a worker that
+    joins later starts here too, and gets the others' state when the loop syncs it."""
+    from train import elastic
+
+    data = load_dataset(config)
+    count, batch_size = len(data.train_y), config["batch_size"]
+    keras.utils.set_random_seed(config["seed"])
+    tf.config.experimental.enable_op_determinism()
+    keras.backend.experimental.enable_tf_random_generator()
+    model = _build(config, len(data.class_names))
+    _compile(model, config, config["learning_rate"], len(data.class_names))  # set before each batch
+    rngs = dropout_generators(model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
+    state = elastic.TrainingState(model, rngs, epoch=-1, batch=0, images=0, history=[], members=[])
+
+    def begin() -> tuple[int, list[dict]]:
+        start_epoch = claim()
+        if start_epoch:
+            _check_same_data(run, data)
+        history = _open(run, config, start_epoch, checkpoint)
+        _write_run_files(run, config, data, model)
+        return start_epoch, history
+
+    @elastic.hvd_elastic.run
+    def fit(state) -> list[str]:
+        if state.epoch < 0:  # the job's start; a worker that joins later has rank 0's state, past it
+            state.epoch, state.history = _on_chief(begin)
+            distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
+            state.commit()
+        elastic.note_membership(state, run)
+        while state.epoch < config["epochs"]:
+            epoch, done, workers = state.epoch, state.images, distributed.size()
+            del state.history[epoch:]  # a row written after the last commit, if any, is written again
+            callbacks = [distributed.MetricAverage()]
+            if distributed.is_chief():
+                images = (count - done) // workers * workers
+                allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
+                callbacks += [
+                    elastic.EpochProgress(config["epochs"]),
+                    RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes),
+                    keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
+                ]
+            callbacks += [
+                elastic.ScaledLearningRate(state, config, count),
+                elastic.Progress(state, batch_size, count),  # before the commit, which saves what it counted
+                elastic.hvd_elastic.CommitStateCallback(state, batches_per_commit=config["commit_every"]),
+            ]
+            model.fit(
+                epoch_batches(data, config, epoch, done),
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                steps_per_epoch=math.ceil((count - done) // workers / batch_size),
+                validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size),
+                callbacks=callbacks,
+                verbose=(1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0,
+            )
+        return distributed.all_checksums(model)
+
+    started = time.time()
+    checksums = fit(state)
+    if not distributed.is_chief():
+        return run
+    return _finish(run, config, data, state.history, time.time() - started, checksums)
+
+
+def _open(run: Path, config: dict, start_epoch: int, checkpoint: tf.train.Checkpoint) -> list[dict]:
+    """On rank 0: empty the run directory for a new run, or restore a resumed one's checkpoint; its history."""
+    if start_epoch == 0:  # only now: a config, data or model that fails must not cost an old run
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        return []
+    previous = yaml.safe_load((run / "config.yaml").read_text())
+    _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
+    print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
+    return [row for row in read_history(run) if row["epoch"] <= start_epoch]
+
+
+def _write_run_files(run: Path, config: dict, data: Dataset, model) -> None:
+    write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
+    _print_header(run, config, data, model)
 
 
 def _build(config: dict, num_classes: int):
@@ -192,25 +269,29 @@ def _check_same_data(run: Path, data: Dataset) -> None:
         )
 
 
-def _compile(model, config: dict, steps_per_epoch: int, num_classes: int) -> None:
-    """Adam on a cosine-decayed learning rate. N workers make the batch N times larger, so the rate
-    scales by N too, reached by a linear warm-up over `warmup_epochs` (large rates early diverge)."""
+def _schedule(config: dict, steps_per_epoch: int):
+    """A cosine-decayed learning rate. N workers make the batch N times larger, so the rate scales by N too,
+    reached by a linear warm-up over `warmup_epochs` (large rates early diverge)."""
     workers = distributed.size()
     peak = config["learning_rate"] * workers
     total_steps = config["epochs"] * steps_per_epoch
     warmup_steps = min(int(config["warmup_epochs"] * steps_per_epoch), total_steps - 1) if workers > 1 else 0
-    schedule = keras.optimizers.schedules.CosineDecay(
+    return keras.optimizers.schedules.CosineDecay(
         config["learning_rate"] if warmup_steps else peak,
         decay_steps=total_steps - warmup_steps,
         alpha=0.01,
         warmup_target=peak if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
+
+
+def _compile(model, config: dict, learning_rate, num_classes: int) -> None:
+    """Adam on `learning_rate` (a rate or a schedule), gradients allreduced in a distributed job."""
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if num_classes > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5"))
     model.compile(
-        optimizer=distributed.distributed_optimizer(keras.optimizers.Adam(schedule), config["compression"]),
+        optimizer=distributed.distributed_optimizer(keras.optimizers.Adam(learning_rate), config["compression"]),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
         metrics=metrics,
     )
@@ -225,33 +306,43 @@ def epoch_indices(count: int, seed: int, epoch: int | tf.Tensor, rank: int, work
     would have; worker r of N takes every N-th image of it from the r-th on, so the workers' batches together are
     the single-process batch. The last count % N images of the order sit the epoch out: all take as many steps.
     """
+    return remaining_indices(count, seed, epoch, 0, rank, workers)
+
+
+def remaining_indices(
+    count: int, seed: int, epoch: int | tf.Tensor, done: int | tf.Tensor, rank: int, workers: int
+) -> tf.Tensor:
+    """Worker `rank`'s part of what is left of `epoch`'s order once its first `done` images were trained on:
+    after an elastic job changed size mid-epoch, the rest of the same order is split among those training now,
+    so no image of the epoch is seen twice or skipped (but the last (count - done) % workers, as above)."""
     seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    order = tf.argsort(tf.random.stateless_uniform([count], seed=seeds))
-    return order[: count // workers * workers][rank::workers]
+    rest = tf.argsort(tf.random.stateless_uniform([count], seed=seeds))[done:]
+    return rest[: (count - done) // workers * workers][rank::workers]
 
 
 def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
-    """This worker's batches for epochs start_epoch.. onwards, in the order of `epoch_indices`. Each batch's
-    images are read from data.train_x when it is due, several in parallel: the split is never held whole."""
-    images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
-    count, batch_size, seed, augment = len(data.train_y), config["batch_size"], config["seed"], config["augment"]
-    workers, rank = distributed.size(), distributed.rank()
-
-    def one_epoch(epoch):
-        shard = epoch_indices(count, seed, epoch, rank, workers)
-        batches = tf.data.Dataset.from_tensor_slices(shard).batch(batch_size).enumerate()
-
-        def load(step, indices):
-            x = _read(images, lambda idx: images[idx], indices)
-            if augment:
-                x = _augment(x, tf.stack([epoch * workers + rank, step]))
-            # One-hot per batch, never for the whole set: label smoothing needs the categorical loss.
-            return x, tf.one_hot(tf.gather(labels, indices), num_classes)
-
-        return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
+    """This worker's batches for epochs start_epoch.. onwards, in the order of `epoch_indices`."""
     epochs = tf.data.Dataset.range(start_epoch, config["epochs"], output_type=tf.int64)
-    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+    return epochs.flat_map(lambda epoch: epoch_batches(data, config, epoch)).prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_batches(data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0) -> tf.data.Dataset:
+    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`).
+    Each batch's images are read from data.train_x when it is due, several in parallel: the split is never
+    held whole."""
+    images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
+    workers, rank = distributed.size(), distributed.rank()
+    shard = remaining_indices(len(data.train_y), config["seed"], epoch, done, rank, workers)
+    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate()
+
+    def load(step, indices):
+        x = _read(images, lambda idx: images[idx], indices)
+        if config["augment"]:
+            x = _augment(x, tf.stack([tf.cast(epoch, tf.int64) * workers + rank, step]))
+        # One-hot per batch, never for the whole set: label smoothing needs the categorical loss.
+        return x, tf.one_hot(tf.gather(labels, indices), num_classes)
+
+    return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _read(images, read, key: tf.Tensor) -> tf.Tensor:

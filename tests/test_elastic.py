@@ -1,0 +1,205 @@
+"""Elastic training (Horovod Elastic): an epoch re-split after a change of size, a learning rate that follows the
+worker count, the options, and a real job on localhost that loses a worker mid-epoch and goes on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from tests.conftest import PIPELINE, ROOT, run_pipeline
+from tests.sshd import two_hosts
+from train.run import epoch_indices, remaining_indices
+
+
+def test_an_epoch_resplit_after_a_change_of_size_trains_each_image_once():
+    count, seed, epoch, batch_size = 1000, 7, 3, 16
+    order = epoch_indices(count, seed, epoch, 0, 1).numpy()
+    for before, after, batches in ((2, 1, 5), (2, 3, 7), (3, 2, 0), (1, 2, 20), (4, 4, 3)):
+        trained = np.concatenate(
+            [epoch_indices(count, seed, epoch, rank, before)[: batches * batch_size] for rank in range(before)]
+        )
+        done = batches * batch_size * before
+        # What `before` workers trained in their first batches is the start of the epoch's order...
+        assert len(trained) == done and set(trained) == set(order[:done])
+        rest = np.concatenate([remaining_indices(count, seed, epoch, done, rank, after) for rank in range(after)])
+        together = np.concatenate([trained, rest])
+        # ...and the `after` workers train the rest of it: no image twice, none skipped but the last
+        # (count - done) % after of the order, which sit the epoch out as they do without a change.
+        assert len(np.unique(together)) == len(together)
+        sitting_out = order[done + (count - done) // after * after :]
+        assert set(together) | set(sitting_out) == set(order) and len(sitting_out) < after
+
+
+def test_the_elastic_learning_rate_is_the_fixed_size_schedule_of_the_current_worker_count():
+    from train.elastic import rate
+
+    learning_rate, epochs, warmup_epochs, steps = 0.001, 5, 1.0, 10
+    for workers in (1, 2, 4):
+        peak = learning_rate * workers
+        warmup_steps = int(warmup_epochs * steps) if workers > 1 else 0
+        fixed = keras.optimizers.schedules.CosineDecay(
+            learning_rate if warmup_steps else peak,
+            decay_steps=epochs * steps - warmup_steps,
+            alpha=0.01,
+            warmup_target=peak if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
+        for step in range(0, epochs * steps, 3):
+            expected = float(fixed(step))
+            assert rate(learning_rate, epochs, warmup_epochs, step / steps, workers) == pytest.approx(expected)
+
+
+def test_min_workers_without_hosts_is_a_usage_error():
+    result = run_pipeline("train", "--min-workers", "1", check=False)
+    assert result.returncode == 2
+    assert "--min-workers needs --host-discovery-script or --hosts" in result.stderr
+
+
+def test_commit_every_must_be_a_positive_integer():
+    result = run_pipeline("train", "--set", "commit_every=0", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: commit_every=0: must be a positive integer"
+
+
+def test_an_elastic_job_refused_by_rank_0_ends_with_its_one_line_error(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("an earlier run\n")
+    result = run_pipeline(*elastic_train_args(tmp_path, "taken"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'taken'}: run directory already exists; pass --resume to continue it, --exist-ok to "
+        "start it over, or --name for a new run"
+    )
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "an earlier run\n"
+
+
+class Lines(threading.Thread):
+    """Reads a process's output as it comes, each line with the time it arrived."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def first(self, text: str, timeout: float) -> float | None:
+        """When the first line containing `text` arrived (None if none did within `timeout` seconds)."""
+        deadline = time.time() + timeout
+        while True:
+            found = [arrived for arrived, line in self.lines if text in line]
+            if found or time.time() > deadline:
+                return found[0] if found else None
+            time.sleep(0.05)
+
+
+def first_worker(runs_dir: Path, rank: int, timeout: float) -> int | None:
+    """The pid of the worker horovodrun started as `rank` of the job training into `runs_dir`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"HOROVOD_RANK={rank}".encode() in environ and str(runs_dir).encode() in cmdline:
+                return int(pid)
+        time.sleep(0.1)
+    return None
+
+
+def elastic_train_args(folder: Path, name: str, hosts: tuple[str, str] = ("localhost", "127.0.0.1")) -> list[str]:
+    """`pipeline train` as 1 to 2 elastic workers on two hosts, one slot each: Horovod takes a failed worker's
+    whole host out for a while, so a survivor must be on another. By default both are this machine's own
+    addresses, whose workers horovodrun starts without ssh."""
+    script = folder / "hosts.sh"
+    script.write_text("#!/bin/sh\n" + "".join(f"echo {host}:1\n" for host in hosts))
+    script.chmod(0o755)
+    elastic = ["--min-workers", "1", "--max-workers", "2", "--host-discovery-script", str(script)]
+    small = ["--epochs", "6", "--batch-size", "8", "--set", "max_images_per_class=400", "--set", "commit_every=5"]
+    return ["train", *elastic, "--network-interface", "lo", "--name", name, "--set", f"runs_dir={folder}", *small]
+
+
+@pytest.mark.slow
+def test_an_elastic_job_that_loses_rank_0_mid_epoch_goes_on_and_takes_the_host_back(tmp_path):
+    run_pipeline(*elastic_train_args(tmp_path, "whole"))
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+
+    command = [*PIPELINE, *elastic_train_args(tmp_path, "elastic")]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Lines(job.stdout)
+    output.start()
+    try:
+        assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
+        time.sleep(2)  # well into the epoch (of 225 steps), several commits made
+        pid = first_worker(tmp_path, 0, timeout=5)  # the chief: rank 0 has to move to the survivor
+        assert pid is not None and job.poll() is None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        assert job.wait(timeout=180) == 0
+    finally:
+        job.kill()
+    output.join(timeout=10)
+    text = "\n".join(line for _, line in output.lines)
+    lost = output.first("worker on localhost lost at epoch 2 batch", timeout=0)
+    assert lost is not None and lost - killed < 5, text
+    assert "Traceback" not in text
+    run = tmp_path / "elastic"
+    with open(run / "membership.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["event"] for row in rows][:3] == ["start", "start", "lost"], rows
+    # Rolled back mid-epoch, to its last commit, not to the epoch's start.
+    assert rows[2]["epoch"] == "2" and int(rows[2]["batch"]) > 0 and rows[2]["workers"] == "1"
+    assert any(row["event"] == "joined" and row["workers"] == "2" for row in rows[3:]), rows
+    history = json.loads((run / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, 7))
+    summary = json.loads((run / "summary.json").read_text())
+    assert abs(summary["test_accuracy"] - whole["test_accuracy"]) <= 0.01, (summary, whole)
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory):
+    with two_hosts(tmp_path_factory.mktemp("sshd")) as hosts:
+        yield hosts
+
+
+@pytest.mark.slow
+def test_an_elastic_job_over_ssh_loses_a_remote_worker_and_takes_its_host_back(tmp_path, ssh_hosts):
+    args = elastic_train_args(tmp_path, "remote", ssh_hosts.addresses)
+    command = [*PIPELINE, *args, *ssh_hosts.ssh_options()]
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=ssh_hosts.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = Lines(job.stdout)
+    output.start()
+    try:
+        assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
+        time.sleep(2)
+        pid = first_worker(tmp_path, 1, timeout=5)
+        assert pid is not None and job.poll() is None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        assert job.wait(timeout=180) == 0
+    finally:
+        job.kill()
+    output.join(timeout=10)
+    text = "\n".join(line for _, line in output.lines)
+    lost = output.first(f"worker on {ssh_hosts.addresses[1]} lost at epoch 2 batch", timeout=0)
+    assert lost is not None and lost - killed < 5, text
+    run = tmp_path / "remote"
+    with open(run / "membership.csv") as f:
+        events = [(row["event"], row["host"]) for row in csv.DictReader(f)]
+    assert events[2] == ("lost", ssh_hosts.addresses[1]) and ("joined", ssh_hosts.addresses[1]) in events[3:], events
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == list(range(1, 7))
