@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/horovod_bench.py
 	$(BIN)/python benchmarks/data_bench.py
+	$(BIN)/python benchmarks/scaling_bench.py
 	$(BIN)/pipeline pretrained efficientnet-lite0
 	$(BIN)/python benchmarks/pretrained_bench.py
 
