@@ -27,10 +27,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # Horovod (pyproject's `distributed` extra) compiled against the pinned TensorFlow (2-3 minutes), only when it
 # does not import yet.
 # Gloo always; MPI too where Debian's openmpi is installed (libopenmpi-dev). Needs cmake < 4 and a C++ compiler.
+# Without build isolation the venv's own setuptools builds this project too: >= 77 reads its SPDX licence string.
 $(HOROVOD): $(STAMP)
 	@if ! $(BIN)/python -c "import horovod.tensorflow" 2>/dev/null; then \
 	  command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake g++; }; \
 	  MPI=$$(command -v mpicxx >/dev/null && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1); \
+	  $(BIN)/pip install -q 'setuptools>=77' || exit 1; \
 	  env MAKEFLAGS=-j$$(nproc) HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
 	    HOROVOD_WITH_GLOO=1 $$MPI $(BIN)/pip install --no-build-isolation --no-cache-dir -e '.[distributed]' \
 	    --config-settings editable_mode=compat || exit 1; \

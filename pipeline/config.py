@@ -9,8 +9,10 @@ import yaml
 from serve.errors import PipelineError
 from train.rundir import check_resume
 
-# The named configs: `--config fashion_mnist` is configs/fashion_mnist.yaml.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The named configs: `--config fashion_mnist` is configs/fashion_mnist.yaml. They sit at the top of the repository
+# and install as pipeline/configs/ (pyproject.toml maps them there), so a wheel finds them beside this file.
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 DEFAULT_CONFIG = "fashion_mnist"
 
 # Every training setting, with its default. A config file or `--set key=value` may change any of them.
