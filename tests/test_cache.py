@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
+from serve.errors import ImageError
 from serve.preprocess import to_pixels
 from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
 from train import cache
@@ -255,6 +257,67 @@ def test_two_processes_ingest_once(tmp_path, large_folder):
     # its cache without decoding anything. Which one is the kernel's choice.
     assert decoded(errs[0]) == [900], errs
     assert decoded(errs[1]) == [] and "waiting for another process using the data cache" in errs[1], errs
+
+
+def test_script_without_main_guard_ingests_in_threads_beside_running_tensorflow(tmp_path, large_folder):
+    # No `if __name__ == "__main__":` in the script, and TensorFlow's thread pools running: the ingest starts no
+    # process (a spawned one would import the script again; a forked one could deadlock on TensorFlow's locks).
+    script = tmp_path / "ingest.py"
+    script.write_text(
+        "import sys\n"
+        "from pipeline.tensorflow_env import prepare\n"
+        "prepare()\n"
+        "import tensorflow as tf\n"
+        "from pipeline.config import load_config\n"
+        "from train.data import load_dataset\n"
+        "tf.reduce_sum(tf.matmul(tf.ones((64, 64)), tf.ones((64, 64)))).numpy()\n"
+        "config = {'data': sys.argv[1], 'input_size': 24, 'channels': 3, 'cache_dir': sys.argv[2]}\n"
+        "data = load_dataset(load_config(None, config))\n"
+        "print(len(data.train_y) + len(data.val_y))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), str(large_folder), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["900"] and decoded(result.stderr) == [900]
+    assert re.search(r"decoding 900 images \(\d+ threads?\)", result.stderr), result.stderr
+    reference = load_dataset(folder_config(large_folder, tmp_path / "reference"))
+    script_cache = cache_folder(tmp_path / "cache")
+    assert files_of(script_cache) == files_of(cache_folder(tmp_path / "reference"))
+    assert len(reference.train_y) + len(reference.val_y) == 900
+
+
+def test_decoding_threads_refuse_what_serve_refuses_and_leave_warning_filters_as_found(tmp_path, monkeypatch):
+    # Pillow warns between 1x and 2x its pixel limit and refuses above; serve refuses both, turning the warning into
+    # an error with warnings.catch_warnings, which swaps process-wide state. Threads decoding at once must neither
+    # let a warned image through nor leave the process's warning filters changed.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    monkeypatch.setattr(cache, "CHUNK", 1)  # a task per image: the threads interleave as much as they can
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(15):
+            side = (300, 400, 500)[i % 3]  # 90,000 pixels: fine; 160,000: warned; 250,000: refused
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i:02d}.jpg")
+    refused = set()
+    for path in sorted(root.rglob("*.jpg")):
+        try:
+            to_pixels(path, 24, 24, 3)
+        except ImageError as err:
+            assert "too large to decode safely" in str(err)
+            refused.add(str(path))
+    assert len(refused) == 20  # the warned sizes as well as the refused ones
+
+    filters = list(warnings.filters)
+    data = load_dataset(folder_config(root, tmp_path / "cache", val_fraction=0.2))
+    assert list(warnings.filters) == filters
+    assert set(data.skipped) == refused
+    assert len(data.train_y) + len(data.val_y) == 10
 
 
 def test_fashion_mnist_goes_through_the_cache_at_any_input_size(tmp_path):

@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import json
 import math
-import multiprocessing
 import operator
 import os
 import shutil
@@ -50,9 +49,7 @@ CACHE_VERSION = 2
 # each kept open by the processes reading it), and an interrupted ingest loses at most one shard's work. Tests make
 # it small with PIPELINE_CACHE_SHARD_IMAGES.
 SHARD_IMAGES = int(os.environ.get("PIPELINE_CACHE_SHARD_IMAGES") or 4096)
-CHUNK = 64  # images per task of a decoding process
-# Starting a decoding process costs about half a second of imports: fewer tasks than this are decoded in-process.
-POOL_MIN_TASKS = 8
+CHUNK = 16  # images per task of a decoding thread: handing a task over costs ~20 us, a 64x64 JPEG's decode ~100 us
 HASH_THREADS = 4  # hashlib releases the GIL on large buffers: shards are checked in parallel
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files"}
@@ -64,8 +61,8 @@ class CacheError(PipelineError):
 
 @dataclass
 class Split:
-    """One split's items in order: image files (read, hashed and decoded by the ingest), or uint8 arrays
-    (Fashion-MNIST's rows) read from `files`, relative name -> sha256."""
+    """One split's items in order: image files, each one of the Source's files (read, hashed and decoded by the
+    ingest), or uint8 arrays (Fashion-MNIST's rows) read from `files`, relative name -> sha256."""
 
     items: Sequence[Path] | np.ndarray
     labels: np.ndarray
@@ -383,7 +380,8 @@ def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> C
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
         sidecars = list(pool.map(lambda p: _check_shard(folder, *p, shape, splits[p[0]].files, warn=True), plan))
     todo = [i for i, sidecar in enumerate(sidecars) if sidecar is None]
-    for i, sidecar in zip(todo, _ingest(folder, source, splits, [plan[i] for i in todo], len(plan), shape)):
+    names = {path: entry[0] for path, entry in zip(source.files, listing)}  # relative names, found once
+    for i, sidecar in zip(todo, _ingest(folder, names, splits, [plan[i] for i in todo], len(plan), shape)):
         sidecars[i] = sidecar
 
     hashes = {name: digest for sidecar in sidecars for name, digest in sidecar["files"]}
@@ -400,64 +398,72 @@ def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> C
         "files": [[*entry, label] for entry, label in zip(listing, source.labels)],
         "splits": {name: {"items": len(split.items), "images": images[name]} for name, split in splits.items()},
         "shard_images": SHARD_IMAGES,
-        "fingerprint": fingerprint(source, hashes),
+        "fingerprint": fingerprint(names, hashes),
     }
     write_atomic(folder / "manifest.json", json.dumps(manifest, sort_keys=True))
     return _assemble(folder, manifest, plan, sidecars, shape)
 
 
-def fingerprint(source: Source, hashes: dict[str, str]) -> str:
+def fingerprint(names: dict[Path, str], hashes: dict[str, str]) -> str:
     """sha256 over each source file's name (relative to the source's root) and content sha256, in path order."""
     digest = hashlib.sha256()
-    for path in sorted(source.files):
-        name = str(path.relative_to(source.root))
+    for path in sorted(names):
+        name = names[path]
         digest.update(name.encode() + b"\0")
         digest.update(bytes.fromhex(hashes[name]))
     return digest.hexdigest()
 
 
 def _ingest(
-    folder: Path, source: Source, splits: dict[str, Split], todo: list[tuple], shards: int, shape: tuple
+    folder: Path, names: dict[Path, str], splits: dict[str, Split], todo: list[tuple], shards: int, shape: tuple
 ) -> Iterator[dict]:
-    """Decode and write the shards in `todo`, in order, yielding each one's sidecar once it is written."""
+    """Decode and write the shards in `todo`, in order, yielding each one's sidecar once it is written.
+
+    Threads decode, this thread writes: Pillow, hashlib and file reads release the GIL, so threads decode in
+    parallel with no process to start, nothing to pickle back, and no fork of a process whose TensorFlow threads
+    run (which can deadlock the child)."""
     size, channels = shape[0], shape[2]
     tasks = []
     for name, index, items in todo:
         first = index * SHARD_IMAGES
         for start in range(first, first + items, CHUNK):
             tasks.append((splits[name].items[start : min(start + CHUNK, first + items)], size, channels))
-    workers = min(len(os.sched_getaffinity(0)), len(tasks))
+    threads = min(len(os.sched_getaffinity(0)), len(tasks))
     total = sum(items for _, _, items in todo)
     kept = f", {shards - len(todo)} of {shards} shards already written" if len(todo) < shards else ""
-    processes = workers if len(tasks) >= POOL_MIN_TASKS else 1
-    plural = "es" if processes > 1 else ""
-    print(f"data cache {folder}: decoding {total} images ({processes} process{plural}{kept})", file=sys.stderr)
+    plural = "s" if threads > 1 else ""
+    print(f"data cache {folder}: decoding {total} images ({threads} thread{plural}{kept})", file=sys.stderr)
     progress = _Progress(total)
-    with contextlib.ExitStack() as stack:
-        if processes > 1:
-            # spawn, not fork: forking a process whose TensorFlow threads run can deadlock the child.
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes))
-            results = _bounded_imap(pool, tasks, 4 * processes)
-        else:
-            results = map(_decode_chunk, tasks)
-        for name, index, items in todo:
-            yield _write_shard(folder, name, index, items, splits[name], source.root, results, progress)
+    with concurrent.futures.ThreadPoolExecutor(threads, "cache-decode") as pool:
+        try:
+            results = _decoded_in_order(pool, tasks, 4 * threads)
+            for name, index, items in todo:
+                yield _write_shard(folder, name, index, items, splits[name], names, results, progress)
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error, what is queued is not decoded for nothing
 
 
-def _bounded_imap(pool, tasks: list, ahead: int) -> Iterator[list]:
-    """pool.imap's results in order, with at most `ahead` tasks in flight: decoded images wait in memory only that
-    far ahead of the disk (imap would queue every task and hold every result the writer has not yet taken)."""
+def _decoded_in_order(pool: concurrent.futures.Executor, tasks: list, ahead: int) -> Iterator[list]:
+    """The decoded tasks in order, with at most `ahead` in flight: decoded images wait in memory only that far
+    ahead of the disk."""
     pending: collections.deque = collections.deque()
     for task in tasks:
-        pending.append(pool.apply_async(_decode_chunk, (task,)))
+        pending.append(pool.submit(_decode_chunk, task))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _write_shard(
-    folder: Path, name: str, index: int, items: int, split: Split, root: Path, results: Iterator, progress
+    folder: Path,
+    name: str,
+    index: int,
+    items: int,
+    split: Split,
+    names: dict[Path, str],
+    results: Iterator,
+    progress: _Progress,
 ) -> dict:
     digest, labels, skipped, files = hashlib.sha256(), [], [], []
     first = index * SHARD_IMAGES
@@ -465,7 +471,7 @@ def _write_shard(
         for start in range(first, first + items, CHUNK):
             chunk = next(results)
             for i, (pixels, file_digest) in enumerate(chunk, start):
-                item_name = None if file_digest is None else str(split.items[i].relative_to(root))
+                item_name = None if file_digest is None else names[split.items[i]]
                 if item_name is not None:
                     files.append([item_name, file_digest])
                 if pixels is None:
@@ -487,22 +493,22 @@ def _write_shard(
     return sidecar
 
 
-def _decode_chunk(task: tuple) -> list[tuple[bytes | None, str | None]]:
-    """(pixels or None if not a readable image, the file's sha256 or None for an array) per item. Runs in the
-    decoding processes: a file is read once, for both its hash and its pixels."""
+def _decode_chunk(task: tuple) -> list[tuple[np.ndarray | None, str | None]]:
+    """(pixels or None if not a readable image, the file's sha256 or None for an array) per item. Runs in a
+    decoding thread: a file is read once, for both its hash and its pixels."""
     items, size, channels = task
     return [_decode(item, size, channels) for item in items]
 
 
-def _decode(item: Path | np.ndarray, size: int, channels: int) -> tuple[bytes | None, str | None]:
+def _decode(item: Path | np.ndarray, size: int, channels: int) -> tuple[np.ndarray | None, str | None]:
     if isinstance(item, np.ndarray):
-        return to_pixels(item, size, size, channels).tobytes(), None
+        return to_pixels(item, size, size, channels), None
     try:
         data = read_regular_file(str(item), MAX_IMAGE_BYTES, "an image", ImageError)
     except ImageError:  # too large or unreadable: skipped, hashed as far as it can be read
         return None, _file_sha256(item)
     try:
-        pixels = to_pixels(data, size, size, channels).tobytes()
+        pixels = to_pixels(data, size, size, channels)
     except ImageError:
         pixels = None
     return pixels, hashlib.sha256(data).hexdigest()
