@@ -138,9 +138,9 @@ def validate(config: dict) -> dict:
         "must be between 0 and 1",
     )
     for key in ("width", "learning_rate"):
-        need(isinstance(config[key], (int, float)) and config[key] > 0, key, "must be a positive number")
+        need(_is_number(config[key]) and config[key] > 0, key, "must be a positive number")
     for key in ("dropout", "label_smoothing"):
-        need(isinstance(config[key], (int, float)) and 0 <= config[key] < 1, key, "must be in [0, 1)")
+        need(_is_number(config[key]) and 0 <= config[key] < 1, key, "must be in [0, 1)")
     need(
         config["max_images_per_class"] is None
         or (isinstance(config["max_images_per_class"], int) and config["max_images_per_class"] > 1),
@@ -149,11 +149,7 @@ def validate(config: dict) -> dict:
     )
     need(isinstance(config["seed"], int), "seed", "must be an integer")
     need(config["compression"] in ("fp16", "none"), "compression", "must be fp16 or none")
-    need(
-        isinstance(config["warmup_epochs"], (int, float)) and config["warmup_epochs"] >= 0,
-        "warmup_epochs",
-        "must be a number >= 0",
-    )
+    need(_is_number(config["warmup_epochs"]) and config["warmup_epochs"] >= 0, "warmup_epochs", "must be a number >= 0")
     need(isinstance(config["mixed_precision"], bool), "mixed_precision", "must be true or false")
     need(isinstance(config["augment"], bool), "augment", "must be true or false")
     need(
@@ -174,7 +170,14 @@ def validate(config: dict) -> dict:
     )
     if config["model"] == "mobilenet_v2":
         need(config["input_size"] >= 32, "input_size", "mobilenet_v2 needs at least 32")
+    # YAML reads `learning_rate=1` as an int; TensorFlow's schedules and layers want these as floats.
+    for key in ("width", "learning_rate", "dropout", "label_smoothing", "warmup_epochs"):
+        config[key] = float(config[key])
     return config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def inside_runs_dir(name: object, runs_dir: str) -> bool:

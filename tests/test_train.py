@@ -205,7 +205,7 @@ def test_training_and_evaluation_read_a_split_batch_by_batch():
     import tf_keras as keras
 
     from train.data import Dataset
-    from train.run import _eval_batches, _predicted_classes, epoch_indices, train_batches
+    from train.run import _class_model, _eval_batches, _predicted_classes, epoch_indices, train_batches
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 400)
@@ -228,5 +228,76 @@ def test_training_and_evaluation_read_a_split_batch_by_batch():
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), dense])
     expected = model.predict(images[100:].astype(np.float32), verbose=0).argmax(axis=1)
     assert len(set(expected)) > 1  # a model that always answered the same class would hide a misordered read
-    assert np.array_equal(_predicted_classes(model, val), expected)
+    assert np.array_equal(_predicted_classes(_class_model(model), val), expected)
     assert max(val.reads) == 256 and sum(val.reads) == 300
+
+
+def checkpoint_weights(run, epoch: int) -> list[np.ndarray]:
+    """The model weights of a run's checkpoint of `epoch`, read into a new small_cnn."""
+    import tensorflow as tf
+
+    from train.models import build_model
+
+    model = build_model("small_cnn", 28, 1, 10, 1.0, 0.3)
+    tf.train.Checkpoint(model=model).read(str(run / "checkpoints" / f"epoch_{epoch:03d}" / "ckpt")).expect_partial()
+    return model.get_weights()
+
+
+def test_best_model_is_the_best_epoch_when_a_later_one_is_worse(tmp_path):
+    """best.keras is written when training ends, from the best epoch's checkpoint, which is kept for it however
+    many newer ones there are."""
+    prepare()
+    import tf_keras as keras
+
+    tiny = ["--name", "best", "--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=40"]
+    run_pipeline("train", *tiny, "--epochs", "2", "--batch-size", "16", "--set", "keep_checkpoints=1")
+    run = tmp_path / "best"
+    # A third epoch at a rate that wrecks the weights: worse than epoch 2.
+    run_pipeline(
+        "train",
+        "--name",
+        "best",
+        "--set",
+        f"runs_dir={tmp_path}",
+        "--resume",
+        "--epochs",
+        "3",
+        "--set",
+        "learning_rate=1000",  # an int in YAML: read as a float
+    )
+    history = json.loads((run / "metrics.json").read_text())
+    assert history[2]["val_accuracy"] < history[1]["val_accuracy"], history
+    best_epoch = 1 + max(range(3), key=lambda i: (history[i]["val_accuracy"], -i))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted({f"epoch_{best_epoch:03d}", "epoch_003"})
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == best_epoch
+    assert set(summary["seconds"]) == {"data", "setup", "training", "bookkeeping", "evaluation"}
+    best = keras.models.load_model(run / "best.keras", compile=False).get_weights()
+    for saved, expected in zip(best, checkpoint_weights(run, best_epoch), strict=True):
+        assert np.array_equal(saved, expected)
+    assert not all(np.array_equal(a, b) for a, b in zip(best, checkpoint_weights(run, 3)))
+
+
+@pytest.mark.slow
+def test_interrupted_run_still_draws_its_curves(tmp_path):
+    args = ["--name", "stopped", "--set", f"runs_dir={tmp_path}", "--set", "max_images_per_class=400"]
+    worker = subprocess.Popen(
+        [*PIPELINE, "train", *args, "--epochs", "20", "--batch-size", "32"],
+        cwd=ROOT,
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = tmp_path / "stopped" / "checkpoints" / "epoch_001"
+    deadline = time.time() + 300
+    while not first.exists() and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGINT)
+    _, errors = worker.communicate(timeout=120)
+    assert worker.returncode == 130, errors
+    assert errors.strip().splitlines()[-1] == "Aborted." and "Traceback" not in errors
+    run = tmp_path / "stopped"
+    assert not (run / "summary.json").exists()  # stopped in training, not after it
+    assert Image.open(run / "curves.png").size[0] > 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -21,7 +22,6 @@ from train import distributed
 from train.data import Dataset, load_dataset
 from train.keras_internals import dropout_generators
 from train.models import NORMALIZATION, build_model
-from train.plots import plot_confusion, plot_curves
 from train.rundir import (
     CHECKPOINT_PREFIX,
     check_resume,
@@ -59,8 +59,10 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
 
 
 def _train(run: Path, config: dict, start_epoch: int) -> Path:
+    started = time.perf_counter()
     chief = distributed.is_chief()
     data = load_dataset(config)
+    seconds = {"data": time.perf_counter() - started}
     if start_epoch:
         _on_chief(lambda: _check_same_data(run, data))
     keras.utils.set_random_seed(config["seed"])
@@ -78,25 +80,30 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
     distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
     if chief:  # only now: a resume that fails must leave the run's config as it was
         _write_run_files(run, config, data, model)
-    started = time.time()
+    writer = None
     if start_epoch < config["epochs"]:
         callbacks = [distributed.MetricAverage()]  # first: the others log averaged metrics
         if chief:
             images_per_epoch = _shard_size(len(data.train_y)) * distributed.size()
             allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
-            callbacks += [
-                RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes),
-                keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
-            ]
-        model.fit(
-            train_batches(data, config, start_epoch),
-            epochs=config["epochs"],
-            initial_epoch=start_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), config["batch_size"]),
-            callbacks=callbacks,
-            verbose=(1 if sys.stdout.isatty() else 2) if chief else 0,
-        )
+            writer = RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes)
+            callbacks += [writer, keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)]
+        batches = train_batches(data, config, start_epoch)
+        validation = _eval_batches(data.val_x, data.val_y, len(data.class_names), config["batch_size"])
+        seconds["setup"] = time.perf_counter() - started - seconds["data"]
+        with _curves_on_failure(run, lambda: history if chief else []):
+            model.fit(
+                batches,
+                epochs=config["epochs"],
+                initial_epoch=start_epoch,
+                steps_per_epoch=steps_per_epoch,
+                validation_data=validation,
+                callbacks=callbacks,
+                verbose=(1 if sys.stdout.isatty() else 2) if chief else 0,
+            )
+    seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
+    seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
+    seconds["bookkeeping"] = writer.bookkeeping_seconds if writer else 0.0
     checksums = distributed.all_checksums(model)
     if not chief:
         return run
@@ -104,7 +111,7 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
         raise RunError(
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
         )
-    return _finish(run, config, data, history, time.time() - started, checksums)
+    return _finish(run, config, data, history, model, seconds, checksums)
 
 
 def _train_elastic(run: Path, config: dict, claim) -> Path:
@@ -113,7 +120,9 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
     joins later starts here too, and gets the others' state when the loop syncs it."""
     from train import elastic
 
+    started = time.perf_counter()
     data = load_dataset(config)
+    seconds = {"data": time.perf_counter() - started}
     count, batch_size = len(data.train_y), config["batch_size"]
     keras.utils.set_random_seed(config["seed"])
     tf.config.experimental.enable_op_determinism()
@@ -123,6 +132,7 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
     rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
     state = elastic.TrainingState(model, rngs, epoch=-1, batch=0, images=0, history=[], members=[])
+    writers = []  # rank 0's RunWriter of each epoch, for their bookkeeping time
 
     def begin() -> tuple[int, list[dict]]:
         start_epoch = claim()
@@ -146,9 +156,12 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
             if distributed.is_chief():
                 images = (count - done) // workers * workers
                 allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
+                writers.append(
+                    RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes)
+                )
                 callbacks += [
                     elastic.EpochProgress(config["epochs"]),
-                    RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes),
+                    writers[-1],
                     keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
                 ]
             callbacks += [
@@ -167,11 +180,14 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
             )
         return distributed.all_checksums(model)
 
-    started = time.time()
-    checksums = fit(state)
+    seconds["setup"] = time.perf_counter() - started - seconds["data"]
+    with _curves_on_failure(run, lambda: state.history if distributed.is_chief() else []):
+        checksums = fit(state)
+    seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
+    seconds["bookkeeping"] = sum(writer.bookkeeping_seconds for writer in writers)
     if not distributed.is_chief():
         return run
-    return _finish(run, config, data, state.history, time.time() - started, checksums)
+    return _finish(run, config, data, state.history, model, seconds, checksums)
 
 
 def _open(run: Path, config: dict, start_epoch: int, checkpoint: tf.train.Checkpoint) -> list[dict]:
@@ -220,6 +236,32 @@ def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config
     model.set_weights(twin.get_weights())
     for mine, saved in zip(checkpoint.dropout_rngs, twin_rngs):
         mine.state.assign(saved.state)
+
+
+@contextlib.contextmanager
+def _curves_on_failure(run: Path, history):
+    """Plot the curves of the epochs done (`history()`'s rows) when training stops early: Ctrl-C, a lost job, an
+    error. A run that ends well plots them in `_finish`, once: per epoch they would cost more than the metrics."""
+    try:
+        yield
+    except BaseException:
+        if history():
+            _plot_curves(history(), run / "curves.png")
+        raise
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    from train.plots import plot_curves  # matplotlib takes ~0.2 s to import: only when a plot is drawn
+
+    plot_curves(history, path)
+
+
+def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: Path) -> None:
+    from train.plots import plot_confusion  # matplotlib: see _plot_curves
+
+    matrix = np.zeros((len(class_names),) * 2, dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    plot_confusion(matrix, class_names, run / "confusion_matrix.png", title)
 
 
 def _on_chief(work):
@@ -320,10 +362,16 @@ def remaining_indices(
     return rest[: (count - done) // workers * workers][rank::workers]
 
 
+# tf.data functions traced as written, without autograph: they branch on Python values only, and converting their
+# source costs ~0.3 s of CPU (more on a loaded machine) before the first epoch.
+_as_written = tf.autograph.experimental.do_not_convert
+
+
 def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
     """This worker's batches for epochs start_epoch.. onwards, in the order of `epoch_indices`."""
     epochs = tf.data.Dataset.range(start_epoch, config["epochs"], output_type=tf.int64)
-    return epochs.flat_map(lambda epoch: epoch_batches(data, config, epoch)).prefetch(tf.data.AUTOTUNE)
+    batches = epochs.flat_map(_as_written(lambda epoch: epoch_batches(data, config, epoch)))
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def epoch_batches(data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0) -> tf.data.Dataset:
@@ -335,6 +383,7 @@ def epoch_batches(data: Dataset, config: dict, epoch: int | tf.Tensor, done: int
     shard = remaining_indices(len(data.train_y), config["seed"], epoch, done, rank, workers)
     batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate()
 
+    @_as_written
     def load(step, indices):
         x = _read(images, lambda idx: images[idx], indices)
         if config["augment"]:
@@ -368,6 +417,7 @@ def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def _image_batches(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Consecutive float32 batches of `x`, read in parallel ahead of use."""
 
+    @_as_written
     def load(start):
         return _read(x, lambda first: x[first : first + batch_size], start)
 
@@ -376,18 +426,28 @@ def _image_batches(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
 
 
 def _eval_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:
-    labels = tf.data.Dataset.from_tensor_slices(y).batch(batch_size).map(lambda batch: tf.one_hot(batch, num_classes))
+    one_hot = _as_written(lambda batch: tf.one_hot(batch, num_classes))
+    labels = tf.data.Dataset.from_tensor_slices(y).batch(batch_size).map(one_hot)
     return tf.data.Dataset.zip((_image_batches(x, batch_size), labels))
 
 
-def _predicted_classes(model, x: np.ndarray) -> np.ndarray:
-    """The model's top class for each image of `x`, batch by batch: only the class indices are kept."""
-    return np.concatenate([np.argmax(model.predict_on_batch(batch), axis=1) for batch in _image_batches(x, 256)])
+def _class_model(model):
+    """`model` ending in the argmax: predicting with it keeps only the class indices, not every class's score."""
+    return keras.Model(model.inputs, tf.argmax(model.outputs[0], axis=-1))
+
+
+def _predicted_classes(classes, x: np.ndarray) -> np.ndarray:
+    """The top class (`classes` is a `_class_model`) for each image of `x`, batch by batch, in one Keras predict
+    loop (a Python loop of predict_on_batch costs ~25% more)."""
+    return classes.predict(_image_batches(x, 256), verbose=0)
 
 
 class RunWriter(keras.callbacks.Callback):
-    """After each epoch: best model, metrics, curves, then the checkpoint (last, so that a checkpoint's
-    existence implies everything before it was written)."""
+    """After each epoch: metrics, then the checkpoint (last, so that a checkpoint's existence implies everything
+    before it was written), in ~1% of an epoch. Two costlier things wait until training ends (`_finish`):
+    best.keras (`model.save` costs ~3x a checkpoint; until then the best epoch's checkpoint holds the best model,
+    kept however many newer ones there are, so a resumed run still has it) and the curves (matplotlib takes longer
+    than all the rest; `_curves_on_failure` draws them when training stops early)."""
 
     def __init__(
         self,
@@ -401,15 +461,18 @@ class RunWriter(keras.callbacks.Callback):
         super().__init__()
         self.run, self.checkpoint, self.history, self.keep = run, checkpoint, history, keep
         self.images_per_epoch, self.allreduce_bytes = images_per_epoch, allreduce_bytes
-        self.best = max((row["val_accuracy"] for row in history), default=-1.0)
+        best = _best_row(history) if history else {"val_accuracy": -1.0, "epoch": 0}
+        self.best, self.best_epoch = best["val_accuracy"], best["epoch"]
+        self.bookkeeping_seconds = 0.0  # all epochs' time in on_epoch_end, for summary.json
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
+        started = time.time()
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
         row["learning_rate"] = float(self.model.optimizer.learning_rate)  # the rate of the last step
-        seconds = time.time() - self.epoch_started
+        seconds = started - self.epoch_started
         workers = distributed.size()
         row["seconds"] = round(seconds, 2)
         row["workers"] = workers
@@ -425,12 +488,10 @@ class RunWriter(keras.callbacks.Callback):
         print(speed, flush=True)
         self.history.append(row)
         if row["val_accuracy"] > self.best:
-            self.best = row["val_accuracy"]
-            with atomic_path(self.run / "best.keras") as tmp:
-                self.model.save(tmp)
+            self.best, self.best_epoch = row["val_accuracy"], row["epoch"]
         write_history(self.run, self.history)
-        plot_curves(self.history, self.run / "curves.png")
         self._save_checkpoint(epoch + 1)
+        self.bookkeeping_seconds += time.time() - started
 
     def _save_checkpoint(self, epoch: int) -> None:
         folder = self.run / "checkpoints"
@@ -440,8 +501,9 @@ class RunWriter(keras.callbacks.Callback):
         self.checkpoint.write(str(tmp / "ckpt"))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for _, old in checkpoints(self.run)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for number, old in checkpoints(self.run)[: -self.keep]:
+            if number != self.best_epoch:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _print_header(run: Path, config: dict, data: Dataset, model) -> None:
@@ -459,25 +521,56 @@ def _print_header(run: Path, config: dict, data: Dataset, model) -> None:
     sys.stdout.flush()
 
 
-def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds: float, checksums: list[str]) -> Path:
-    """Evaluate the best model on validation (and test) data, plot its confusion matrix, write summary.json."""
-    model = keras.models.load_model(run / "best.keras", compile=False)
-    best = max(history, key=lambda row: row["val_accuracy"])
-    val_pred = _predicted_classes(model, data.val_x)
-    matrix = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
-    np.add.at(matrix, (data.val_y, val_pred), 1)
-    plot_confusion(
-        matrix,
-        data.class_names,
-        run / "confusion_matrix.png",
-        f"validation, epoch {best['epoch']}: accuracy {np.mean(val_pred == data.val_y):.4f}",
-    )
+def _best_row(history: list[dict]) -> dict:
+    """The epoch with the best validation accuracy; of equals, the first."""
+    return max(history, key=lambda row: row["val_accuracy"])
+
+
+def _best_model(run: Path, config: dict, epoch: int, num_classes: int):
+    """The model as it was after `epoch`, from that epoch's checkpoint (RunWriter keeps the best epoch's), read into
+    a new model: the one training has another epoch's weights, and maybe other trainable layers. A run directory
+    written before the best epoch's checkpoint was kept has best.keras instead."""
+    path = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{epoch:03d}"
+    if not path.is_dir():
+        return keras.models.load_model(run / "best.keras", compile=False)
+    model = _build(config, num_classes)
+    tf.train.Checkpoint(model=model).read(str(path / "ckpt")).expect_partial()
+    return model
+
+
+def _finish(
+    run: Path, config: dict, data: Dataset, history: list[dict], model, seconds: dict, checksums: list[str]
+) -> Path:
+    """Save the best model, evaluate it on validation (and test) data, plot the curves and its confusion matrix,
+    write summary.json. `model` holds the weights of the last epoch in `history`."""
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # matplotlib's import and the plots take ~0.45 s of one core: in a thread, they overlap Keras' predictions,
+        # which wait on TensorFlow without holding the GIL.
+        plots = [pool.submit(_plot_curves, history, run / "curves.png")]
+        best = _best_row(history)
+        if best is not history[-1]:
+            model = _best_model(run, config, best["epoch"], len(data.class_names))
+        classes = _class_model(model)  # one for both splits: Keras traces its predict function once
+        val_pred = _predicted_classes(classes, data.val_x)
+        val_accuracy = float(np.mean(val_pred == data.val_y))
+        title = f"validation, epoch {best['epoch']}: accuracy {val_accuracy:.4f}"
+        plots.append(pool.submit(_plot_confusion, data.class_names, data.val_y, val_pred, title, run))
+        test_pred = _predicted_classes(classes, data.test_x) if data.test_y is not None else None
+        with atomic_path(run / "best.keras") as tmp:
+            model.save(tmp)
+        for plot in plots:
+            plot.result()
+    seconds["evaluation"] = time.perf_counter() - started
     summary = {
         "best_epoch": best["epoch"],
         "epochs": len(history),
-        "val_accuracy": float(np.mean(val_pred == data.val_y)),
-        "test_accuracy": None,
-        "train_seconds": round(seconds, 1),
+        "val_accuracy": val_accuracy,
+        "test_accuracy": None if test_pred is None else float(np.mean(test_pred == data.test_y)),
+        "train_seconds": round(seconds["training"], 1),
+        # Where the time went: loading data, building the model (and restoring it), model.fit (with validation
+        # and the per-epoch bookkeeping it includes), and this evaluation with its plots.
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "skipped_images": len(data.skipped),
         "data_fingerprint": data.fingerprint,
         "workers": distributed.size(),
@@ -486,9 +579,6 @@ def _finish(run: Path, config: dict, data: Dataset, history: list[dict], seconds
         "normalization": dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
         "versions": versions(),
     }
-    if data.test_y is not None:
-        test_pred = _predicted_classes(model, data.test_x)
-        summary["test_accuracy"] = float(np.mean(test_pred == data.test_y))
     write_atomic(run / "summary.json", json.dumps(summary, indent=2))
     test = f", test accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
     print(f"best epoch {best['epoch']}: val accuracy {summary['val_accuracy']:.4f}{test}")
