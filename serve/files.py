@@ -43,12 +43,24 @@ def read_regular_file(path: str, limit: int, kind: str, error: type[PipelineErro
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as err:
         raise error(f"{path}: cannot read ({err.strerror})") from None
-    with open(fd, "rb") as f:
-        _check(path, os.fstat(fd), limit, kind, error)
-        try:
-            data = f.read(limit + 1)  # a file growing meanwhile is still cut off at the limit
-        except OSError as err:
-            raise error(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        _check(path, info, limit, kind, error)
+        # os.read of the stated size and a byte more: one system call for the whole file (a file object costs two
+        # more, and read(limit) would allocate the whole limit). Reads on past a short read or a file that grew
+        # meanwhile, which is still cut off at the limit.
+        parts = [os.read(fd, min(info.st_size, limit) + 1)]
+        size = len(parts[0])
+        while size != info.st_size and size <= limit:
+            parts.append(os.read(fd, min(limit + 1 - size, MiB)))
+            if not parts[-1]:
+                break
+            size += len(parts[-1])
+        data = b"".join(parts)
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror})") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise error(f"{path}: larger than {limit // MiB} MiB, too large for {kind}")
     return data

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import threading
 import warnings
+import zlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +30,8 @@ MAX_IMAGE_BYTES = 256 * MiB
 
 # Transparent pixels are shown on white, as an image viewer would.
 BACKGROUND = (255, 255, 255)
+# catch_warnings swaps the process's warning filters: threads decoding at once take turns opening with it.
+_OPEN_LOCK = threading.Lock()
 
 
 def _open(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
@@ -37,30 +43,65 @@ def _open(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("<bytes>: empty image data")
-        return _decode(io.BytesIO(source), "<bytes>", draft_side), "<bytes>"
+        return _decode(bytes(source), "<bytes>", draft_side), "<bytes>"
     name = os.fspath(source)
     data = read_regular_file(name, MAX_IMAGE_BYTES, "an image", ImageError)
     if not data:
         raise ImageError(f"{name}: empty file")
-    return _decode(io.BytesIO(data), name, draft_side), name
+    return _decode(data, name, draft_side), name
 
 
-def _decode(fp: io.BytesIO, name: str, draft_side: int) -> Image.Image:
+def _png_damage(data: bytes) -> str | None:
+    """What is wrong with the chunks of PNG `data` up to IEND (one missing, cut short, or a CRC that does not
+    match), else None. Pillow's decoder skips the image data's CRCs, and its verify() costs a second parse."""
+    position = 8  # past the signature
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IEND":
+            return None
+        end = position + 8 + length
+        if end + 4 > len(data):
+            break
+        if zlib.crc32(memoryview(data)[position + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+            return f"broken PNG file (bad checksum in {kind!r})"
+        position = end + 4
+    return "truncated PNG file"
+
+
+# (signature, plugin module, format): opened with their own plugin, as Image.open would open them. Without a file name
+# to go by, Image.open first imports all five of Pillow's common plugins, ~10 ms of `pipeline label`'s start-up.
+_OWN_PLUGINS = ((b"\x89PNG\r\n\x1a\n", "PIL.PngImagePlugin", "PNG"), (b"\xff\xd8\xff", "PIL.JpegImagePlugin", "JPEG"))
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
+    """`Image.open` of `data` (headers only), refusing more pixels than Pillow's limit."""
+    for signature, plugin, format_name in _OWN_PLUGINS:
+        if data.startswith(signature):
+            __import__(plugin)  # registers the plugin's opener
+            image = Image.OPEN[format_name][0](io.BytesIO(data), "")
+            pixels = max(image.width, 1) * max(image.height, 1)
+            if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+                raise ImageError(
+                    f"{name}: image too large to decode safely ({pixels} pixels, Pillow's limit is "
+                    f"{Image.MAX_IMAGE_PIXELS})"
+                )
+            return image
+    with _OPEN_LOCK, warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its pixel limit (when it opens the file); refuse those too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _decode(data: bytes, name: str, draft_side: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(fp)
-            if image.format == "PNG":
-                # verify() checks every chunk's CRC, which decoding alone does not.
-                image.verify()
-                fp.seek(0)
-                image = Image.open(fp)
-            if image.format == "JPEG":
-                # Let libjpeg decode at a reduced scale when the photo is much larger than the input.
-                # Square, because EXIF rotation may still swap width and height.
-                image.draft(image.mode, (draft_side, draft_side))
-            image.load()
+        image = _open_image(data, name)
+        if image.format == "PNG" and (damage := _png_damage(data)):
+            raise SyntaxError(damage)
+        if image.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the photo is much larger than the input.
+            # Square, because EXIF rotation may still swap width and height.
+            image.draft(image.mode, (draft_side, draft_side))
+        image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: image too large to decode safely ({err})") from None
     except UnidentifiedImageError:
@@ -122,7 +163,9 @@ def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np
         canvas = Image.new("RGB", image.size, BACKGROUND)
         canvas.paste(image, mask=image.getchannel("A"))
         image = canvas
-    image = image.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
@@ -131,3 +174,41 @@ def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np
     if pixels.shape != (height, width, channels):
         raise ImageError(f"{name}: could not convert to {height}x{width}x{channels}")
     return pixels
+
+
+def pixels_in_chunks(
+    sources: Sequence[ImageSource], height: int, width: int, channels: int, *, jobs: int = 1, chunk_size: int = 64
+) -> Iterator[list[np.ndarray | ImageError]]:
+    """`to_pixels` of every source, in order, `chunk_size` at a time: each item is the pixels, or the ImageError
+    that says why that source cannot be used. With `jobs` > 1 that many threads decode chunks ahead of the one
+    the caller is working on (Pillow decodes and resizes without the GIL, and so does the interpreter)."""
+    starts = range(0, len(sources), chunk_size)
+
+    def decode_chunk(start: int) -> list[np.ndarray | ImageError]:
+        chunk: list[np.ndarray | ImageError] = []
+        for source in sources[start : start + chunk_size]:
+            try:
+                chunk.append(to_pixels(source, height, width, channels))
+            except ImageError as err:
+                chunk.append(err)
+        return chunk
+
+    if jobs <= 1 or len(starts) <= 1:
+        yield from map(decode_chunk, starts)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor  # costs start-up time: only here
+    from itertools import islice
+
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="decode")
+    try:
+        queued = iter(starts)
+        ahead = deque(pool.submit(decode_chunk, start) for start in islice(queued, 2 * jobs))
+        while ahead:
+            chunk = ahead.popleft().result()
+            start = next(queued, None)  # keep 2 x jobs chunks on their way
+            if start is not None:
+                ahead.append(pool.submit(decode_chunk, start))
+            yield chunk
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
