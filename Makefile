@@ -10,7 +10,7 @@ FMNIST_DEBIAN := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FMNIST_KERAS := $(HOME)/.keras/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup data jdk web demo test bench lint clean
+.PHONY: setup data jdk web clients demo test bench lint clean
 
 setup: $(STAMP) $(HOROVOD) data jdk web
 
@@ -68,20 +68,45 @@ demo: setup
 	@for image in runs/demo/samples/*.png; do \
 	  echo "\$$ pipeline label $$image -k 3"; $(BIN)/pipeline label $$image -k 3; done
 
-test: setup
+# The standard clients tests/test_standard_clients.py runs the bundles in, each in a venv of its own (MediaPipe
+# pins its own numpy; tflite-support pins protobuf 3.20 and needs the system's libusb-1.0). The Task Library has
+# no wheel for some Pythons (3.12): then its stamp holds the reason and its tests skip, saying it.
+CLIENTS := .venv-clients
+clients: $(CLIENTS)/mediapipe/.installed $(CLIENTS)/tflite-support.done
+
+$(CLIENTS)/mediapipe/.installed:
+	$(PYTHON) -m venv $(CLIENTS)/mediapipe
+	$(CLIENTS)/mediapipe/bin/pip install -q mediapipe==1.2.3
+	touch $@
+
+$(CLIENTS)/tflite-support.done:
+	@ldconfig -p | grep -q libusb-1.0 || ! command -v apt-get >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libusb-1.0-0; }
+	$(PYTHON) -m venv $(CLIENTS)/tflite-support
+	@log=$(CLIENTS)/tflite-support.log; again="(delete $@ to try again)"; \
+	if ! $(CLIENTS)/tflite-support/bin/pip install -q tflite-support==0.4.4 > $$log 2>&1; then \
+	  echo "tflite-support 0.4.4 does not install for $$($(PYTHON) -V): $$(grep -m1 ERROR $$log) $$again" > $@; \
+	elif ! $(CLIENTS)/tflite-support/bin/python -c "from tflite_support.task import vision" 2>> $$log; then \
+	  echo "tflite-support 0.4.4 installs but does not import: $$(tail -1 $$log) $$again" > $@; \
+	else echo installed > $@; fi
+	@cat $@
+
+test: setup clients
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/quantize_bench.py
 	$(BIN)/python benchmarks/horovod_bench.py
 	$(BIN)/python benchmarks/data_bench.py
 	$(BIN)/python benchmarks/scaling_bench.py
 	$(BIN)/pipeline pretrained efficientnet-lite0
 	$(BIN)/python benchmarks/pretrained_bench.py
+	$(BIN)/python benchmarks/int8_io_bench.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info serve/web/node_modules
+	rm -rf $(VENV) $(CLIENTS) runs .pytest_cache .ruff_cache *.egg-info serve/web/node_modules

@@ -75,15 +75,16 @@ def export_pretrained(
 ) -> dict:
     """EfficientNet-Lite0 with its ImageNet weights as bundles in runs_dir/name/export/, and the report.
 
-    int8 is calibrated on views of the sample photos that installed packages ship, plus every image in
-    `calibration_dirs`; each bundle is compared with float32 on the whole photos (there are no labels to gate on).
+    int8 is calibrated on views of the photos that installed packages ship, plus every image in `calibration_dirs`;
+    each bundle is compared with float32 on the whole sample photos and on crops of them that calibration did not
+    see (there are no labels to gate on).
     """
     if not inside_runs_dir(name, str(runs_dir)):
         raise ConfigError(f"name={name!r}: must name a directory inside {runs_dir} (no '/', no leading '.')")
     prepare()
     from quantize.export import QuantizeData, export_bundles
     from train.efficientnet_lite import imagenet_labels
-    from train.pretrained import calibration_images, create_run, sample_photo_pixels
+    from train.pretrained import calibration_images, create_run, held_out_crops, sample_photo_pixels
     from train.rundir import run_lock
 
     run = Path(runs_dir) / name
@@ -94,7 +95,8 @@ def export_pretrained(
             calibration=calibration_images([Path(d) for d in calibration_dirs]),
             eval_x=sample_photo_pixels(),
             eval_y=None,
-            eval_split="sample photos",
+            eval_split="sample photo",
+            holdout_x=held_out_crops(),
         )
         return export_bundles(run, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
 

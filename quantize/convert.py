@@ -7,12 +7,10 @@ from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from quantize import MODES, QUANTIZED_MODES
-
-_tfmot = tfmot.quantization.keras
+from quantize.tflite_internals import softmax_in_float
 
 
 class Images(Protocol):
@@ -26,69 +24,167 @@ class Images(Protocol):
     def __getitem__(self, key) -> np.ndarray: ...
 
 
-def to_tflite(model, mode: str, calibration: np.ndarray | None = None) -> bytes:
-    """Convert `model` (a QAT model for mode "qat"). Integer modes take uint8 pixels and return uint8
-    scores; `calibration` (uint8 images) sets the activation ranges."""
+def to_tflite(model, mode: str, calibration: Images | None = None) -> bytes:
+    """Convert `model` (a QAT model for mode "qat"), which ends in a softmax. Integer modes take uint8 pixels,
+    run int8 inside and return float32 scores (the softmax in float on the dequantized int8 logits: an int8
+    softmax would give scores in steps of 1/256, and ties); `calibration` (uint8 images) sets the activation
+    ranges."""
+    if mode in QUANTIZED_MODES and (calibration is None or not len(calibration)):
+        raise ValueError("integer quantisation needs calibration images")
+    if mode == "int8":  # post-training; QAT's weights have already learnt to live with their rounding
+        model = bias_corrected(model, calibration)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if mode == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif mode in QUANTIZED_MODES:
-        if calibration is None or not len(calibration):
-            raise ValueError("integer quantisation needs calibration images")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         # QAT models carry their own ranges, but the converter insists on a representative dataset
         # for full-integer output; the result is the same with or without it.
-        converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration)
+        converter.representative_dataset = lambda: (
+            [calibration[i : i + 1].astype(np.float32)] for i in range(len(calibration))
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # uint8 in: what MediaPipe Tasks, LiteRT.js and the Task Library feed (they take no int8 input).
         converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
+        converter.inference_output_type = tf.float32
+        return softmax_in_float(converter.convert())
     elif mode != "float32":
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     return converter.convert()
 
 
-class _OutputOnlyConfig(_tfmot.QuantizeConfig):
-    """For the normalisation (Rescaling) layer, which tfmot does not know: no weights, quantised output."""
+def bias_corrected(model, calibration: Images, batch_size: int = 16) -> keras.Model:
+    """A copy of `model` whose biases absorb the mean error that int8 weights will add to each output channel.
 
-    def get_weights_and_quantizers(self, layer):
-        return []
+    The converter rounds each output channel's weights (batch norm folded in) to 255 levels. On the calibration
+    images' average input, that rounding shifts the channel's output by a fixed amount, which is taken off the
+    bias, or the offset of the batch norm that follows ("bias correction", Nagel et al., Data-Free Quantization
+    Through Weight Equalization and Bias Correction, 2019). Layers of a model nested inside are corrected too."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    _correct_biases(copy, lambda: (calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)))
+    return copy
 
-    def get_activations_and_quantizers(self, layer):
-        return []
 
-    def set_quantize_weights(self, layer, quantize_weights):
-        pass
+_WEIGHTED = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
 
-    def get_output_quantizers(self, layer):
-        return [
-            _tfmot.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
-        ]
+def _correct_biases(model, batches) -> None:
+    """Bias correction of `model` in place; `batches()` yields batches of its input."""
+    weighted = [layer for layer in model.layers if isinstance(layer, _WEIGHTED)]
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    # Where each nested model's input comes from in this model's graph: its last call.
+    nested_inputs = [layer.get_input_at(len(layer.inbound_nodes) - 1) for layer in nested]
+    probe = keras.Model(model.inputs, [layer.input for layer in weighted] + nested_inputs)
+    sums, counts = [0.0] * len(weighted), [0] * len(weighted)
+    for batch in batches():
+        values = probe(np.asarray(batch, np.float32), training=False)
+        values = values if isinstance(values, list) else [values]
+        for i, value in enumerate(values[: len(weighted)]):
+            flat = np.asarray(value).reshape(-1, value.shape[-1])  # every position of every image, by channel
+            sums[i], counts[i] = sums[i] + flat.sum(axis=0, dtype=np.float64), counts[i] + len(flat)
+    batch_norm_after = {
+        id(layer.input): layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    for layer, total, count in zip(weighted, sums, counts):
+        _correct_layer(layer, batch_norm_after.get(id(layer.output)), (total / count).astype(np.float32))
+    for i, layer in enumerate(nested):
+        inner = keras.Model(model.inputs, nested_inputs[i])
+        _correct_biases(layer, lambda inner=inner: (inner(np.asarray(b, np.float32)) for b in batches()))
 
-    def get_config(self):
-        return {}
+
+def _correct_layer(layer, batch_norm, mean_input: np.ndarray) -> None:
+    """Take off the output shift that rounding `layer`'s weights (with `batch_norm`, the batch norm right after it
+    if any, folded in) causes on an input of `mean_input` per channel, as the converter rounds them: per output
+    channel, symmetric, to the integers -127..127 times max|w| / 127."""
+    kernel, *bias = layer.get_weights()
+    depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+    if kernel.shape[-2 if not depthwise else 2] != len(mean_input) or isinstance(layer, keras.layers.Conv2DTranspose):
+        return  # grouped or transposed convolutions: their kernels are laid out otherwise; left as they are
+    # Depthwise kernels are (h, w, channels, multiplier): output channel c * multiplier + m.
+    out_shape = kernel.shape[-2:] if depthwise else kernel.shape[-1:]
+    factor = np.ones(out_shape, np.float32)
+    if batch_norm is not None:
+        gamma, beta, moving_mean, moving_variance = _batch_norm_weights(batch_norm)
+        factor = (gamma / np.sqrt(moving_variance + batch_norm.epsilon)).reshape(out_shape)
+    folded = kernel * factor
+    per_channel_axes = (0, 1) if depthwise else tuple(range(kernel.ndim - 1))
+    largest = np.abs(folded).max(axis=per_channel_axes, keepdims=True)
+    scale = np.where(largest > 0, largest / 127, 1.0)
+    error = np.round(folded / scale) * scale - folded
+    if depthwise:
+        shift = (error.sum(axis=(0, 1)) * mean_input[:, None]).reshape(-1)
+    else:  # sum over kernel positions and input channels
+        shift = np.tensordot(error, mean_input, axes=([kernel.ndim - 2], [0])).reshape(-1, out_shape[-1]).sum(0)
+    if batch_norm is not None and batch_norm.center:
+        weights = batch_norm.get_weights()
+        weights[1 if batch_norm.scale else 0] = beta - shift
+        batch_norm.set_weights(weights)
+    elif batch_norm is None and bias:
+        layer.set_weights([kernel, bias[0] - shift])
+
+
+def _batch_norm_weights(batch_norm) -> tuple[np.ndarray, ...]:
+    """(gamma, beta, moving mean, moving variance), ones and zeros for those it does not learn."""
+    weights = iter(batch_norm.get_weights())
+    channels = batch_norm.get_weights()[-1].shape
+    gamma = next(weights) if batch_norm.scale else np.ones(channels, np.float32)
+    beta = next(weights) if batch_norm.center else np.zeros(channels, np.float32)
+    return gamma, beta, next(weights), next(weights)
+
+
+def _output_only_config(tfmot_keras):
+    """The QuantizeConfig for the normalisation (Rescaling) layer, which tfmot does not know: no weights,
+    quantised output. Made on first use: tfmot costs a second to import, and only QAT needs it."""
+
+    class _OutputOnlyConfig(tfmot_keras.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [
+                tfmot_keras.quantizers.MovingAverageQuantizer(
+                    num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+                )
+            ]
+
+        def get_config(self):
+            return {}
+
+    return _OutputOnlyConfig
 
 
 def quantization_aware(
     model, train_x: Images, train_y: np.ndarray, epochs: int, batch_size: int, learning_rate: float, seed: int
 ):
     """Fine-tune a fake-quantised copy of `model` for a few epochs (tfmot QAT) and return it."""
+    import tensorflow_model_optimization as tfmot
+
+    tfmot_keras = tfmot.quantization.keras
+    output_only_config = _output_only_config(tfmot_keras)
 
     def annotate(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return layer
         if isinstance(layer, keras.layers.Rescaling):
-            return _tfmot.quantize_annotate_layer(layer, _OutputOnlyConfig())
-        return _tfmot.quantize_annotate_layer(layer)
+            return tfmot_keras.quantize_annotate_layer(layer, output_only_config())
+        return tfmot_keras.quantize_annotate_layer(layer)
 
     keras.utils.set_random_seed(seed)
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    with _tfmot.quantize_scope({"_OutputOnlyConfig": _OutputOnlyConfig}):
-        qat_model = _tfmot.quantize_apply(annotated)
+    with tfmot_keras.quantize_scope({"_OutputOnlyConfig": output_only_config}):
+        qat_model = tfmot_keras.quantize_apply(annotated)
     steps = epochs * math.ceil(len(train_y) / batch_size)
     qat_model.compile(
         optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),

@@ -8,6 +8,7 @@ checking that the installed TensorFlow is a release they are known to work with.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 
 import numpy as np
 
@@ -39,12 +40,16 @@ def _private_api():
     return schema_py_generated, flatbuffer_utils
 
 
-def replace_metadata(model: bytes, entries: dict[str, bytes]) -> bytes:
+def replace_metadata(model: bytes, entries: dict[str, bytes], drop: Collection[str] = ()) -> bytes:
     """`model` with one `Model.metadata` entry per name in `entries`, each holding its bytes in a new buffer.
-    Older entries of those names are dropped; other metadata is kept."""
+    Older entries of those names, and entries named in `drop`, are left out and their buffers emptied; other
+    metadata is kept. The flatbuffer is laid out anew: bytes after it (a zip of associated files) are not kept."""
     schema, flatbuffer_utils = _private_api()
     tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-    tree.metadata = [entry for entry in (tree.metadata or []) if _name(entry) not in entries]
+    replaced = [entry for entry in (tree.metadata or []) if _name(entry) in {*entries, *drop}]
+    for entry in replaced:
+        tree.buffers[entry.buffer].data = None  # emptied, not removed: other buffers keep their indices
+    tree.metadata = [entry for entry in (tree.metadata or []) if entry not in replaced]
     for name, data in entries.items():
         buffer = schema.BufferT()
         buffer.data = np.frombuffer(data, dtype=np.uint8)
@@ -58,3 +63,26 @@ def replace_metadata(model: bytes, entries: dict[str, bytes]) -> bytes:
 
 def _name(entry) -> str:
     return entry.name.decode() if isinstance(entry.name, bytes) else entry.name
+
+
+# Added for int8 scores (quantize/convert.py): the one graph rewrite the converter cannot be asked for.
+def softmax_in_float(model: bytes) -> bytes:
+    """`model`, an integer graph that ends SOFTMAX (int8) -> DEQUANTIZE (float32 output), with the two swapped:
+    the int8 logits are dequantized and the softmax runs in float32. The output keeps its index, name and type;
+    the scores no longer come in steps of 1/256."""
+    schema, flatbuffer_utils = _private_api()
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = tree.subgraphs[0]
+    last_two = [tree.operatorCodes[op.opcodeIndex] for op in graph.operators[-2:]]
+    kinds = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in last_two]
+    if kinds != [schema.BuiltinOperator.SOFTMAX, schema.BuiltinOperator.DEQUANTIZE]:
+        raise ValueError("the model does not end in an integer softmax followed by a dequantize")
+    softmax, dequantize = graph.operators[-2:]
+    logits, int8_scores, scores = softmax.inputs[0], softmax.outputs[0], dequantize.outputs[0]
+    # The int8 scores tensor becomes the float logits between the two.
+    between = graph.tensors[int8_scores]
+    between.type, between.quantization, between.name = schema.TensorType.FLOAT32, None, b"logits_float32"
+    dequantize.inputs, dequantize.outputs = np.array([logits]), np.array([int8_scores])
+    softmax.inputs, softmax.outputs = np.array([int8_scores]), np.array([scores])
+    graph.operators[-2:] = [dequantize, softmax]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))

@@ -4,7 +4,9 @@ The quantize stage stores a JSON document under the metadata name `BUNDLE_METADA
 model's flatbuffer (the `Model.metadata` list of the TFLite schema), and a second entry,
 `CHECKSUM_METADATA_NAME`, whose 64 bytes are the hex sha256 of the whole file with those 64 bytes
 read as ASCII '0's. Reading needs no TensorFlow: serve/tflite_flatbuffer.py finds the entries and checks
-every offset against the file's length.
+every offset against the file's length. The standard TFLite Metadata for other clients (a `TFLITE_METADATA`
+entry, and labels.txt in a zip after the flatbuffer: quantize/metadata.py) is not read here, but the checksum
+covers it, zip included.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The TFLite flatbuffer layout, read without TensorFlow: the schema.fbs fields we use, a bounds-checked reader.
 
 The one Python module that knows tensorflow/lite/schema/schema.fbs: serve/bundle.py finds the metadata entries
-with it, serve/web/server.py fixes the shape signatures for LiteRT.js, quantize/metadata.py signs what it
-embeds. The Android demo (android_demo/.../TfliteFlatBuffer.java) keeps its own copy of these indices: Java
+with it, serve/web/server.py checks that the input's batch is fixed for LiteRT.js, quantize/metadata.py signs what
+it embeds. The Android demo (android_demo/.../TfliteFlatBuffer.java) keeps its own copy of these indices: Java
 cannot import Python.
 """
 
@@ -17,6 +17,7 @@ MODEL_SUBGRAPHS = 2
 MODEL_BUFFERS = 4
 MODEL_METADATA = 6
 SUBGRAPH_TENSORS = 0
+SUBGRAPH_INPUTS = 1
 TENSOR_SHAPE = 0
 TENSOR_SHAPE_SIGNATURE = 7
 METADATA_NAME = 0
@@ -94,29 +95,29 @@ def read_model_metadata(model: bytes) -> dict[str, tuple[int, int]]:
     return entries
 
 
-def with_fixed_shapes(model: bytes) -> bytes:
-    """The model with each tensor's shape_signature set to its shape: batch 1 instead of -1.
-
-    LiteRT.js 2.5 takes the signature as the tensor type and refuses a [1, H, W, C] input for [-1, H, W, C];
-    it cannot resize. Only those int32 values change, in place, so the flatbuffer stays valid.
-    """
+def input_shape_signatures(model: bytes) -> list[list[int]]:
+    """The shape signature of each input of the model's first subgraph (its shape where it has none): -1 marks
+    a dimension left open, such as the batch of a model converted without a fixed batch size."""
     buf = FlatBuffer(model)
-    patched = bytearray(model)
-    subgraphs_start, subgraph_count = buf.vector(buf.field(buf.deref(0), MODEL_SUBGRAPHS), 4)
-    for s in range(subgraph_count):
-        subgraph = buf.deref(subgraphs_start + 4 * s)
-        tensors = buf.field(subgraph, SUBGRAPH_TENSORS)
-        if tensors is None:
+    subgraphs = buf.field(buf.deref(0), MODEL_SUBGRAPHS)
+    if subgraphs is None:
+        return []
+    subgraph = buf.deref(buf.vector(subgraphs, 4)[0])
+    inputs, tensors = buf.field(subgraph, SUBGRAPH_INPUTS), buf.field(subgraph, SUBGRAPH_TENSORS)
+    if inputs is None or tensors is None:
+        return []
+    tensors_start, tensor_count = buf.vector(tensors, 4)
+    inputs_start, input_count = buf.vector(inputs, 4)
+    signatures = []
+    for i in range(input_count):
+        index = struct.unpack_from("<i", model, inputs_start + 4 * i)[0]
+        if not 0 <= index < tensor_count:
+            raise ValueError(f"input {i} names tensor {index} of {tensor_count}")
+        tensor = buf.deref(tensors_start + 4 * index)
+        where = buf.field(tensor, TENSOR_SHAPE_SIGNATURE) or buf.field(tensor, TENSOR_SHAPE)
+        if where is None:
+            signatures.append([])
             continue
-        tensors_start, tensor_count = buf.vector(tensors, 4)
-        for t in range(tensor_count):
-            tensor = buf.deref(tensors_start + 4 * t)
-            shape, signature = buf.field(tensor, TENSOR_SHAPE), buf.field(tensor, TENSOR_SHAPE_SIGNATURE)
-            if shape is None or signature is None:
-                continue
-            (shape_start, rank), (signature_start, signature_rank) = buf.vector(shape, 4), buf.vector(signature, 4)
-            for i in range(min(rank, signature_rank)):
-                at = signature_start + 4 * i
-                if struct.unpack_from("<i", model, at)[0] == -1:
-                    patched[at : at + 4] = model[shape_start + 4 * i : shape_start + 4 * i + 4]
-    return bytes(patched)
+        start, rank = buf.vector(where, 4)
+        signatures.append(list(struct.unpack_from(f"<{rank}i", model, start)))
+    return signatures

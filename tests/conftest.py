@@ -61,6 +61,16 @@ def bundles(fmnist_run) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def pretrained_bundles(tmp_path_factory) -> dict[str, Path]:
+    """int8, float16 and float32 bundles of the pretrained EfficientNet-Lite0 (pipeline pretrained)."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=folder)
+    return {
+        mode: folder / "runs" / "lite0" / "export" / f"lite0_{mode}.tflite" for mode in ("int8", "float16", "float32")
+    }
+
+
+@pytest.fixture(scope="session")
 def fmnist_images(tmp_path_factory) -> list[Path]:
     """Ten Fashion-MNIST test images as PNG files, one per class."""
     folder = tmp_path_factory.mktemp("samples")

@@ -125,7 +125,7 @@ def test_input_tensor_matches_serve(core, bundles, fmnist_images, image_zoo, tmp
     images = [decoded_argb(p, max(classifier.height, classifier.width)) for p in paths]
     java(core, "input", bundles[mode], write_images(tmp_path / "images.bin", images), tmp_path / "input.bin")
     dtype = np.uint8 if mode == "int8" else np.dtype("<f4")
-    got = np.fromfile(tmp_path / "input.bin", dtype).reshape(len(paths), 28, 28, 1)
+    got = np.fromfile(tmp_path / "input.bin", dtype).reshape(len(paths), 28, 28, 3)  # bundles take RGB
     for path, image, tensor in zip(paths, images, got):
         want = classifier.preprocess(path)
         compare_pixels(tensor, want, resized=image.shape != (28, 28))

@@ -88,7 +88,7 @@ def metadata_edits(metadata: dict) -> dict[str, tuple[bytes | dict, str]]:
         "height float": {**metadata, "input": {**size, "height": 28.0}},
         "height text": {**metadata, "input": {**size, "height": "28"}},
         "channels true": {**metadata, "input": {**size, "channels": True}},
-        "channels 3": {**metadata, "input": {**size, "channels": 3}},
+        "channels 1": {**metadata, "input": {**size, "channels": 1}},  # the bundles take 3
         "channels 7": {**metadata, "input": {**size, "channels": 7}},
         "width not the model's": {**metadata, "input": {**size, "width": 32}},
     }
@@ -106,7 +106,7 @@ def metadata_edits(metadata: dict) -> dict[str, tuple[bytes | dict, str]]:
 
 def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
     """(spec, the outcome it must have) for each mutant; "any" allows BundleError or loading fine."""
-    from quantize.metadata import embed_metadata, embed_metadata_bytes, sign_bundle
+    from quantize.metadata import embed_metadata_bytes, sign_bundle
     from serve.bundle import read_bundle_metadata
 
     rng = np.random.default_rng(8)
@@ -129,7 +129,8 @@ def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
     for name, (document, outcome) in metadata_edits(read_bundle_metadata(bundle, model)).items():
         path = folder / f"edit_{len(mutants)}.tflite"
         path.write_bytes(
-            embed_metadata(model, document) if isinstance(document, dict) else embed_metadata_bytes(model, document)
+            # Our entries only: the standard TFLite Metadata cannot describe a malformed document.
+            embed_metadata_bytes(model, json.dumps(document).encode() if isinstance(document, dict) else document)
         )
         mutants.append(({"file": str(path), "edit": name}, outcome))
     # Byte flips inside the JSON, signed again: broken UTF-8 or JSON is refused, a changed letter may load.

@@ -80,7 +80,11 @@ def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path):
         assert first.startswith("military uniform (653): "), (mode, label.stdout)
     report = json.loads((tmp_path / "runs" / "lite0" / "quantize_report.json").read_text())
     int8 = report["bundles"]["int8"]
-    assert int8["agreement"] >= 0.8 and int8["top5_overlap"] >= 0.6
+    # Measured 14/17 and 0.94 on the whole photos, 0.88 and 0.90 on 102 held-out crops (0.82, 0.86, 0.78 and 0.87
+    # before bias correction and the float softmax); the disagreements are textures with no clear class.
+    assert int8["agreement"] >= 0.8 and int8["top5_overlap"] >= 0.9
+    assert report["held_out_images"] == 17 * 6
+    assert int8["held_out"]["agreement"] >= 0.85 and int8["held_out"]["top5_overlap"] >= 0.88
     assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
     classifier = Classifier(export / "lite0_int8.tflite")
     assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
@@ -140,6 +144,6 @@ def test_transfer_learning_beats_training_from_scratch(tmp_path):
     bundle = runs / "transfer" / "export" / "transfer_int8.tflite"
     images = sorted(root.glob("*/*"))
     label = run_pipeline("label", *map(str, images), "-m", str(bundle), "-k", "1", "--json")
-    results = json.loads(label.stdout)["results"]
+    results = [json.loads(line) for line in label.stdout.splitlines()]  # JSON lines, one per image
     right = [r["predictions"][0]["label"] == Path(r["image"]).parent.name for r in results]
     assert len(right) == len(images) and sum(right) >= 0.8 * len(images), sum(right)

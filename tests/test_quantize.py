@@ -156,7 +156,7 @@ def test_quantize_reads_eval_and_training_images_batch_by_batch(tmp_path, fmnist
     from pipeline.tensorflow_env import prepare
 
     prepare()
-    from quantize.export import LATENCY_RUNS, QuantizeData, export_bundles
+    from quantize.export import LATENCY_ROUNDS, LATENCY_RUNS, QuantizeData, export_bundles
     from train.data import load_dataset
 
     run = copy_run(fmnist_run, tmp_path / "fmnist")
@@ -173,7 +173,8 @@ def test_quantize_reads_eval_and_training_images_batch_by_batch(tmp_path, fmnist
     )
     report = export_bundles(run, quantize_data, modes=["qat"], budget=100.0, qat_epochs=1, num_threads=1)
     assert report["eval_images"] == 600 and report["bundles"]["qat"]["top1"] > 0.5  # ten classes: chance is 0.1
-    assert max(eval_x.reads) == 256 and sum(eval_x.reads) == 2 * (600 + LATENCY_RUNS + 5)  # float32 and qat
+    # All of it by float32 and by qat, then the few images both are timed on.
+    assert max(eval_x.reads) == 256 and sum(eval_x.reads) == 2 * 600 + LATENCY_RUNS // LATENCY_ROUNDS
     assert max(train_x.reads) == 64 and sum(train_x.reads) == 300  # one epoch in batches of the run's 64
 
 
@@ -247,3 +248,103 @@ def test_small_cnn_learns_an_image_folder(tmp_path):
     assert summary["val_accuracy"] >= 0.8  # three easy classes: chance is 0.33
     run_pipeline("quantize", str(runs / "cnn"), "--calibration-images", "50", "--budget", "100")
     assert (runs / "cnn" / "export" / "cnn_int8.tflite").is_file()
+
+
+def test_standard_metadata_reads_back_and_is_signed_last(bundles):
+    """The TFLITE_METADATA entry, read with the vendored schema (no tflite-support needed), and the labels.txt zip
+    after the flatbuffer: covered by the checksum, and gone when only our entries are written again."""
+    import io
+    import zipfile
+
+    from quantize import metadata_schema_py_generated as schema
+    from quantize.metadata import LABELS_FILE, STANDARD_METADATA_NAME, embed_metadata, embed_metadata_bytes
+    from serve.bundle import BUNDLE_METADATA_NAME
+    from serve.errors import BundleError
+    from serve.tflite_flatbuffer import read_model_metadata
+
+    data = bundles["int8"].read_bytes()
+    start, length = read_model_metadata(data)[STANDARD_METADATA_NAME]
+    buffer = data[start : start + length]
+    assert schema.ModelMetadata.ModelMetadataBufferHasIdentifier(buffer, 0)
+    found = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(buffer, 0))
+    assert found.minParserVersion == b"1.0.0" and found.name == b"fmnist"
+    (image,), (scores,) = found.subgraphMetadata[0].inputTensorMetadata, found.subgraphMetadata[0].outputTensorMetadata
+    assert image.content.contentProperties.colorSpace == schema.ColorSpaceType.RGB
+    assert list(image.processUnits[0].options.mean) == [0.0] and list(image.processUnits[0].options.std) == [1.0]
+    assert (list(image.stats.min), list(image.stats.max)) == ([0.0], [255.0])
+    assert scores.associatedFiles[0].type == schema.AssociatedFileType.TENSOR_AXIS_LABELS
+    metadata = read_bundle_metadata(bundles["int8"], data)
+    with zipfile.ZipFile(bundles["int8"]) as packed:
+        assert packed.read(LABELS_FILE).decode().splitlines() == metadata["labels"]
+    again = embed_metadata(data, metadata)  # replaces the entries and the zip: nothing doubles
+    assert read_bundle_metadata("again", again) == metadata and abs(len(again) - len(data)) < 100
+    with zipfile.ZipFile(io.BytesIO(again)) as packed:
+        assert packed.namelist() == [LABELS_FILE]
+    tampered = bytearray(data)
+    tampered[-30] ^= 1  # inside the zip's end record, after the flatbuffer
+    with pytest.raises(BundleError, match="checksum does not match"):
+        Classifier(bytes(tampered))
+    ours_only = embed_metadata_bytes(data, json.dumps(metadata).encode())
+    assert STANDARD_METADATA_NAME not in read_model_metadata(ours_only) and BUNDLE_METADATA_NAME in read_model_metadata(
+        ours_only
+    )
+    assert b"PK\x05\x06" not in ours_only[-64:]  # no zip left at the end
+
+
+def test_int8_scores_are_a_float_softmax_of_the_int8_logits(bundles, fmnist_images):
+    """The int8 bundle runs int8 inside but its softmax in float32: scores that are not in steps of 1/256 and do not
+    tie where the logits differ, still what serve, MediaPipe and the browser read as the output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    classifier = Classifier(bundles["int8"])
+    assert classifier.input_dtype == np.uint8 and classifier.input_quantization == (1.0, 0)
+    assert classifier.output_quantization == (0.0, 0)
+    interpreter = Interpreter(model_path=str(bundles["int8"]), experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    (logits,) = [t for t in interpreter.get_tensor_details() if t["name"] == "logits_float32"]
+    output = interpreter.get_output_details()[0]
+    assert output["dtype"] == np.float32
+    for image in fmnist_images:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], classifier.preprocess(image)[None])
+        interpreter.invoke()
+        values = interpreter.get_tensor(logits["index"])[0].astype(np.float64)
+        softmax = np.exp(values - values.max()) / np.exp(values - values.max()).sum()
+        scores = interpreter.get_tensor(output["index"])[0]
+        np.testing.assert_allclose(scores, softmax, atol=1e-6)
+        distinct_logits = len(np.unique(values))
+        assert len(np.unique(scores)) == distinct_logits  # ties only where int8 logits tie
+        np.testing.assert_allclose(classifier.predict(classifier.preprocess(image)[None])[0], scores)
+    steps = classifier.predict(np.stack([classifier.preprocess(p) for p in fmnist_images])) * 256
+    assert not np.allclose(steps, np.round(steps), atol=1e-4)  # no longer multiples of 1/256
+
+
+def test_report_latency_is_a_median_within_its_rounds(fmnist_run, bundles):
+    from quantize.export import LATENCY_ROUNDS
+
+    report = json.loads((fmnist_run / "quantize_report.json").read_text())
+    assert report["latency_rounds"] == LATENCY_ROUNDS and report["held_out_images"] == 0
+    for row in report["bundles"].values():
+        low, high = row["latency_spread_ms"]
+        assert 0 < low <= row["latency_ms"] <= high
+
+
+def test_bias_correction_moves_only_biases_and_keeps_float_answers(fmnist_run):
+    """The copy int8 is converted from (the trained model inside the bundles' RGB wrapper): same kernels, batch-norm
+    offsets and dense biases shifted by the rounding's mean effect (small), float predictions all but unchanged;
+    the original model, nested one included, untouched."""
+    import tf_keras as keras
+
+    from quantize.client_input import as_rgb, for_clients
+    from quantize.convert import bias_corrected
+    from train.data import find_fashion_mnist, read_fashion_mnist
+
+    model = for_clients(keras.models.load_model(fmnist_run / "best.keras", compile=False))
+    before = [w.copy() for w in model.get_weights()]
+    images = as_rgb(read_fashion_mnist(find_fashion_mnist(None), "test")[0][:200, :, :, None])
+    corrected = bias_corrected(model, images)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
+    names = [w.name for w in corrected.weights]
+    changed = [n for n, a, b in zip(names, before, corrected.get_weights()) if not np.array_equal(a, b)]
+    assert changed and all(n.endswith(("beta:0", "bias:0")) for n in changed), changed
+    original, shifted = model.predict(images, verbose=0), corrected.predict(images, verbose=0)
+    assert np.mean(original.argmax(1) == shifted.argmax(1)) >= 0.99 and np.abs(original - shifted).max() < 0.1

@@ -138,8 +138,40 @@ def test_browser_scores_match_serve(mode, bundles, fmnist_images, litert_js, chr
     expected = np.concatenate([classifier.predict(classifier.preprocess(i)[None]) for i in fmnist_images])
     got = np.array([r["scores"] for r in page["results"]], dtype=np.float32)
     assert got.shape == expected.shape == (len(fmnist_images), classifier.num_classes)
-    if mode == "int8":
+    if classifier.output_quantization[0]:  # uint8 scores: the same integers, dequantised alike
         np.testing.assert_array_equal(got, expected)
-    else:
+    else:  # float scores (float bundles, int8 with its softmax in float): other float kernels
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_serve_web_serves_the_bundle_as_it_is(bundles, litert_js, tmp_path):
+    with serve_web(bundles["float16"], log_path=tmp_path / "log") as (url, _):
+        assert urllib.request.urlopen(url + "model.tflite", timeout=10).read() == bundles["float16"].read_bytes()
+
+
+def test_serve_web_refuses_a_bundle_with_an_open_batch(bundles, litert_js, tmp_path):
+    """A bundle as exported before batch-1 signatures ([-1, 28, 28, 3]): LiteRT.js would refuse every image."""
+    from pipeline.tensorflow_env import prepare
+
+    prepare()
+    import tensorflow as tf
+
+    from quantize.metadata import embed_metadata
+    from serve.bundle import read_bundle_metadata, read_model_file
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 3], tf.float32)])
+    def scores(x):
+        return tf.nn.softmax(tf.reshape(tf.reduce_mean(x, axis=[1, 2]), [-1, 3]) @ tf.ones([3, 10]))
+
+    model = tf.lite.TFLiteConverter.from_concrete_functions([scores.get_concrete_function()], scores).convert()
+    metadata = read_bundle_metadata(bundles["float32"], read_model_file(bundles["float32"]))
+    old = tmp_path / "old_float32.tflite"
+    old.write_bytes(embed_metadata(model, metadata))
+    command = [*PIPELINE, "serve-web", "-m", str(old), "--port", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {old}: its input shape is [-1, 28, 28, 3], with an open (-1) dimension that LiteRT.js refuses; "
+        "export the bundle again (pipeline quantize) to fix the batch at 1"
+    )

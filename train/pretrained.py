@@ -74,29 +74,56 @@ def sample_photos() -> list[Path]:
     return [p for p in photos if p.is_file()]
 
 
-def photo_views(photos: list[Path], size: int) -> np.ndarray:
-    """Calibration views of each photo: mirrored, and two crops, as model inputs (the whole photos are kept
-    for measuring fidelity)."""
+# Other photographs in scikit-image's wheel: not natural scenes, but they widen the calibration's view.
+MORE_CALIBRATION_PHOTOS = ["cell.png", "page.png", "text.png"]
+CALIBRATION_CROPS = 16  # random crops of each photo in the int8 calibration set
+HELD_OUT_CROPS = 6  # random crops of each sample photo, drawn apart from calibration's, for checking fidelity
+CALIBRATION_SEED, HELD_OUT_SEED = 1, 2
+
+
+def random_crops(photos: Sequence[Path], per_photo: int, size: int, seed: int) -> np.ndarray:
+    """`per_photo` views of each photo as model inputs: a crop of 25-100% of its area, of aspect 3:4 to 4:3, at a
+    random place, mirrored half the time, resized to `size` (the seed fixes them all)."""
     from PIL import Image, ImageOps
 
+    rng = np.random.default_rng(seed)
     views = []
     for path in photos:
-        image = Image.fromarray(to_pixels(path, 2 * size, 2 * size, 3))
-        views.append(to_pixels(ImageOps.mirror(image), size, size, 3))
-        views.append(to_pixels(image.crop((0, 0, 3 * size // 2, 3 * size // 2)), size, size, 3))
-        views.append(to_pixels(image.crop((size // 2, size // 2, 2 * size, 2 * size)), size, size, 3))
+        with Image.open(path) as image:
+            width, height = image.size
+        photo = Image.fromarray(to_pixels(path, height, width, 3))  # serve's decoding, at the photo's own size
+        for _ in range(per_photo):
+            area, aspect = rng.uniform(0.25, 1.0) * width * height, np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            crop_width = min(width, round(np.sqrt(area * aspect)))
+            crop_height = min(height, round(np.sqrt(area / aspect)))
+            left, top = rng.integers(0, width - crop_width + 1), rng.integers(0, height - crop_height + 1)
+            view = photo.crop((left, top, left + crop_width, top + crop_height))
+            views.append(to_pixels(ImageOps.mirror(view) if rng.random() < 0.5 else view, size, size, 3))
     return np.stack(views)
 
 
 def calibration_images(own_dirs: Sequence[Path] = ()) -> np.ndarray:
-    """The int8 calibration set: views of the sample photos, then every image under `own_dirs` (the user's
-    own photos, searched recursively), all as uint8 pixels at the network's input size."""
+    """The int8 calibration set: the photographs the installed packages ship, mirrored whole and at CALIBRATION_CROPS
+    random crops, then every image under `own_dirs` (the user's own photos, searched recursively), all as uint8
+    pixels at the network's input size."""
+    import skimage
+
     size = efficientnet_lite.INPUT_SIZE
-    views = photo_views(sample_photos(), size)
+    skimage_data = Path(skimage.__file__).parent / "data"
+    photos = sample_photos() + [skimage_data / name for name in MORE_CALIBRATION_PHOTOS]
+    photos = [p for p in photos if p.is_file()]
+    mirrored = np.stack([to_pixels(p, size, size, 3)[:, ::-1] for p in photos])
+    views = np.concatenate([mirrored, random_crops(photos, CALIBRATION_CROPS, size, CALIBRATION_SEED)])
     own = [p for d in own_dirs for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not own:
         return views
     return np.concatenate([views, np.stack([to_pixels(p, size, size, 3) for p in own])])
+
+
+def held_out_crops() -> np.ndarray:
+    """HELD_OUT_CROPS random crops of each sample photo, from another seed than calibration's: images the int8
+    calibration did not see, for the fidelity report."""
+    return random_crops(sample_photos(), HELD_OUT_CROPS, efficientnet_lite.INPUT_SIZE, HELD_OUT_SEED)
 
 
 def sample_photo_pixels() -> np.ndarray:

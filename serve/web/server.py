@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from serve.bundle import read_bundle_metadata, read_model_file
 from serve.errors import BundleError, PipelineError
-from serve.tflite_flatbuffer import with_fixed_shapes
+from serve.tflite_flatbuffer import input_shape_signatures
 
 WEB_DIR = os.path.dirname(os.path.abspath(__file__))
 LITERT_DIR = os.path.join(WEB_DIR, "node_modules", "@litertjs")
@@ -33,6 +34,21 @@ def check_litert() -> None:
     """LiteRT.js comes from npm into serve/web/node_modules; say how to get it when it is missing."""
     if not os.path.isfile(os.path.join(LITERT_DIR, "core", "dist", "index.js")):
         raise PipelineError("LiteRT.js is not installed; run: npm install --prefix serve/web")
+
+
+def check_fixed_batch(model_path: str, model: bytes) -> None:
+    """LiteRT.js takes an input's shape signature as its type and cannot resize: a batch of -1 (bundles exported
+    before batch-1 signatures) refuses every image. Say so now rather than in the phone's browser."""
+    try:
+        signatures = input_shape_signatures(model)
+    except (ValueError, struct.error) as err:
+        raise BundleError(f"{model_path}: corrupt TFLite flatbuffer ({err})") from None
+    for signature in signatures:
+        if -1 in signature:
+            raise BundleError(
+                f"{model_path}: its input shape is {signature}, with an open (-1) dimension that LiteRT.js refuses; "
+                "export the bundle again (pipeline quantize) to fix the batch at 1"
+            )
 
 
 class PooledHTTPServer(HTTPServer):
@@ -78,9 +94,10 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
     metadata = read_bundle_metadata(model_path, model)
     if metadata is None:
         raise BundleError(f"{model_path}: not an edge-pipeline bundle (no metadata); the page needs one")
+    check_fixed_batch(model_path, model)
     public = {key: value for key, value in metadata.items() if key != "provenance"}
     files = {
-        "/model.tflite": (with_fixed_shapes(model), "application/octet-stream"),
+        "/model.tflite": (model, "application/octet-stream"),  # as it is: bundles take batch 1, as LiteRT.js needs
         "/bundle.json": (json.dumps(public).encode(), "application/json"),
         "/labels.json": (json.dumps(metadata.get("labels", [])).encode(), "application/json"),
     }
