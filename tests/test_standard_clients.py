@@ -31,14 +31,19 @@ GRACE_HOPPER = ROOT / "tests" / "data" / "grace_hopper.jpg"
 CHELSEA = ROOT / "tests" / "data" / "chelsea.png"
 MODES = ("float32", "float16", "int8")
 TOP_K = 5
-# Float scores (float bundles; int8 bundles whose softmax runs in float): the clients run other float kernels on
-# the same pixels, 1e-5 leaves room for summation order. Quantised (uint8) scores: the same integer arithmetic,
-# so the same integers, dequantised alike: exactly equal.
+# Float scores of float bundles: the clients run other float kernels on the same pixels, 1e-5 leaves room for
+# summation order. Quantised (uint8) scores: the same integer arithmetic, so the same integers, dequantised
+# alike: exactly equal. int8 bundles whose softmax runs in float on dequantised int8 logits: the same logits, but
+# the Task Library's older runtime computes that softmax with other exp kernels (1.6e-5 measured on 0.40).
 FLOAT_TOLERANCE = 1e-5
+FLOAT_SOFTMAX_ON_INT8_TOLERANCE = 1e-4
 
 
 def score_tolerance(bundle: Path) -> float:
-    return 0.0 if Classifier(bundle).output_quantization[0] else FLOAT_TOLERANCE
+    classifier = Classifier(bundle)
+    if classifier.output_quantization[0]:
+        return 0.0
+    return FLOAT_SOFTMAX_ON_INT8_TOLERANCE if classifier.input_dtype == "uint8" else FLOAT_TOLERANCE
 
 
 @pytest.fixture(scope="session")
