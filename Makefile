@@ -97,6 +97,8 @@ test: setup clients
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/label_bench.py
+	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/quantize_bench.py
 	$(BIN)/python benchmarks/horovod_bench.py
 	$(BIN)/python benchmarks/data_bench.py

@@ -54,7 +54,12 @@ def to_tflite(model, mode: str, calibration: Images | None = None) -> bytes:
     return converter.convert()
 
 
-def bias_corrected(model, calibration: Images, batch_size: int = 16) -> keras.Model:
+# Calibration pixels per batch of bias correction's probe: 16 images at 224x224x3 (its activations for a batch then
+# take some hundreds of MB); small images go many at a time, since each call of the probe has a fixed cost.
+_PROBE_BATCH_PIXELS = 16 * 224 * 224 * 3
+
+
+def bias_corrected(model, calibration: Images) -> keras.Model:
     """A copy of `model` whose biases absorb the mean error that int8 weights will add to each output channel.
 
     The converter rounds each output channel's weights (batch norm folded in) to 255 levels. On the calibration
@@ -63,6 +68,7 @@ def bias_corrected(model, calibration: Images, batch_size: int = 16) -> keras.Mo
     Through Weight Equalization and Bias Correction, 2019). Layers of a model nested inside are corrected too."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    batch_size = max(1, _PROBE_BATCH_PIXELS // math.prod(calibration.shape[1:]))
     _correct_biases(copy, lambda: (calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)))
     return copy
 
