@@ -86,15 +86,20 @@ def page_results(chromium: str, bundle, images, tmp_path) -> dict:
     """Run `/?selftest=1` for `bundle` on `images` in headless Chromium; the JSON the page wrote."""
     selftest = [f"--selftest={i}" for i in images]
     with serve_web(bundle, *selftest, log_path=tmp_path / "serve-web.log") as (url, _):
-        with tempfile.TemporaryDirectory() as profile:
-            page = subprocess.run(
-                # --dump-dom prints the page once it is idle: loaded, model run, #result written.
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=60000"]
-                + ["--dump-dom", url + "?selftest=1"],
-                capture_output=True,
-                text=True,
-                timeout=180,
-            )
+        # --dump-dom prints the page once it is idle: loaded, model run, #result written. LiteRT.js compiles its
+        # WebAssembly asynchronously, which does not hold Chromium's virtual time: on a busy machine the page can
+        # be printed while still "Loading the model…". Such a page is loaded again (a fresh browser), twice at most.
+        for _attempt in range(3):
+            with tempfile.TemporaryDirectory() as profile:
+                page = subprocess.run(
+                    [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=60000"]
+                    + ["--dump-dom", url + "?selftest=1"],
+                    capture_output=True,
+                    text=True,
+                    timeout=180,
+                )
+            if '<p id="status">Loading the model' not in page.stdout:
+                break
     result = re.search(r'<pre id="result">(.*?)</pre>', page.stdout, re.S)
     assert result and result.group(1), f"the page wrote no result:\n{page.stdout[-2000:]}\n{page.stderr[-2000:]}"
     return json.loads(result.group(1))
