@@ -260,17 +260,13 @@ class Classifier:
         batch holds at most `batch_size` images, and fewer of large ones (BATCH_BYTES)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        batch_size = min(batch_size, BATCH_BYTES // (self.height * self.width * self.channels))
+        shape = (self.height, self.width, self.channels)
+        batch_size = min(batch_size, BATCH_BYTES // math.prod(shape))
         chunk_size = max(1, min(batch_size, math.ceil(len(images) / max(jobs, 1))))
-        for chunk in self._pixels(images, jobs, chunk_size):
+        for chunk in pixels_in_chunks(images, *shape, jobs=jobs, chunk_size=chunk_size):
             usable = [item for item in chunk if not isinstance(item, ImageError)]
             ranked = iter(self._top_k_rows(self.predict(np.stack(usable)), top_k) if usable else [])
             yield from (item if isinstance(item, ImageError) else next(ranked) for item in chunk)
-
-    def _pixels(
-        self, images: Sequence[ImageSource], jobs: int, chunk_size: int
-    ) -> Iterator[list[np.ndarray | ImageError]]:
-        return pixels_in_chunks(images, self.height, self.width, self.channels, jobs=jobs, chunk_size=chunk_size)
 
 
 def _first_line(err: Exception) -> str:

@@ -14,7 +14,9 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,6 +32,8 @@ MAX_IMAGE_BYTES = 256 * MiB
 
 # Transparent pixels are shown on white, as an image viewer would.
 BACKGROUND = (255, 255, 255)
+T = TypeVar("T")
+R = TypeVar("R")
 # catch_warnings swaps the process's warning filters: threads decoding at once take turns opening with it.
 _OPEN_LOCK = threading.Lock()
 
@@ -196,19 +200,22 @@ def pixels_in_chunks(
     if jobs <= 1 or len(starts) <= 1:
         yield from map(decode_chunk, starts)
         return
-    from collections import deque
     from concurrent.futures import ThreadPoolExecutor  # costs start-up time: only here
-    from itertools import islice
 
     pool = ThreadPoolExecutor(jobs, thread_name_prefix="decode")
     try:
-        queued = iter(starts)
-        ahead = deque(pool.submit(decode_chunk, start) for start in islice(queued, 2 * jobs))
-        while ahead:
-            chunk = ahead.popleft().result()
-            start = next(queued, None)  # keep 2 x jobs chunks on their way
-            if start is not None:
-                ahead.append(pool.submit(decode_chunk, start))
-            yield chunk
+        yield from in_order(pool, decode_chunk, starts, ahead=2 * jobs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def in_order(pool, work: Callable[[T], R], tasks: Iterable[T], ahead: int) -> Iterator[R]:
+    """`work(task)` for each task, run by `pool` (an Executor) and yielded in the tasks' order, with at most
+    `ahead` tasks in flight: results wait in memory only that far ahead of their reader."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.submit(work, task))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -39,6 +40,23 @@ def run_pipeline(*args: str, cwd: Path | None = None, check: bool = True) -> sub
             f"pipeline {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def worker_pid(rank: int, marker: str, timeout: float) -> int | None:
+    """The pid of the Horovod worker with this rank, found by its environment, and by `marker` in its command line
+    (a job of this test's, not another's running beside it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"HOROVOD_RANK={rank}".encode() in environ and marker.encode() in cmdline:
+                return int(pid)
+        time.sleep(0.1)
+    return None
 
 
 @pytest.fixture(scope="session")

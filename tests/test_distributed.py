@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PIPELINE, ROOT, SMALL_FMNIST, run_pipeline
+from tests.conftest import PIPELINE, ROOT, SMALL_FMNIST, run_pipeline, worker_pid
 
 HOROVODRUN = str(Path(sys.executable).parent / "horovodrun")
 # fp16 keeps 11 significant bits (relative error <= 2**-11 per gradient value); after 8 SGD steps at
@@ -191,23 +191,6 @@ def test_pipeline_train_with_two_workers_then_quantize_label_and_resume_alone(tm
     run_pipeline("train", "--name", "pair", "--resume", "--epochs", "3", "--set", f"runs_dir={runs}")
     history = json.loads((run / "metrics.json").read_text())
     assert [(row["epoch"], row["workers"]) for row in history] == [(1, 2), (2, 2), (3, 1)]
-
-
-def worker_pid(rank: int, marker: str, timeout: float) -> int | None:
-    """The pid of the Horovod worker with this rank, found by its environment, and by `marker` in its command line
-    (a job of this test's, not another's running beside it)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if f"HOROVOD_RANK={rank}".encode() in environ and marker.encode() in cmdline:
-                return int(pid)
-        time.sleep(0.1)
-    return None
 
 
 @pytest.mark.slow

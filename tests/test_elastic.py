@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from tests.conftest import PIPELINE, ROOT, run_pipeline
+from tests.conftest import PIPELINE, ROOT, run_pipeline, worker_pid
 from tests.sshd import two_hosts
 from train.run import epoch_indices, remaining_indices
 
@@ -105,20 +105,21 @@ class Lines(threading.Thread):
             time.sleep(0.05)
 
 
-def first_worker(runs_dir: Path, rank: int, timeout: float) -> int | None:
-    """The pid of the worker horovodrun started as `rank` of the job training into `runs_dir`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if f"HOROVOD_RANK={rank}".encode() in environ and str(runs_dir).encode() in cmdline:
-                return int(pid)
-        time.sleep(0.1)
-    return None
+def kill_mid_epoch(job: subprocess.Popen, output: Lines, runs_dir: Path, rank: int) -> float:
+    """SIGKILL the worker of `rank` a little into epoch 2 (of 225 steps: some commits made), let the job finish,
+    and return when the worker was killed. The job must end well: the survivor trains on."""
+    try:
+        assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
+        time.sleep(2)
+        pid = worker_pid(rank, str(runs_dir), timeout=5)
+        assert pid is not None and job.poll() is None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        assert job.wait(timeout=180) == 0
+    finally:
+        job.kill()
+    output.join(timeout=10)
+    return killed
 
 
 def elastic_train_args(folder: Path, name: str, hosts: tuple[str, str] = ("localhost", "127.0.0.1")) -> list[str]:
@@ -142,17 +143,7 @@ def test_an_elastic_job_that_loses_rank_0_mid_epoch_goes_on_and_takes_the_host_b
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = Lines(job.stdout)
     output.start()
-    try:
-        assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
-        time.sleep(2)  # into the epoch (of 225 steps), some commits made
-        pid = first_worker(tmp_path, 0, timeout=5)  # the chief: rank 0 has to move to the survivor
-        assert pid is not None and job.poll() is None
-        os.kill(pid, signal.SIGKILL)
-        killed = time.time()
-        assert job.wait(timeout=180) == 0
-    finally:
-        job.kill()
-    output.join(timeout=10)
+    killed = kill_mid_epoch(job, output, tmp_path, rank=0)  # the chief: rank 0 has to move to the survivor
     text = "\n".join(line for _, line in output.lines)
     # Which of the two names got rank 0 is Horovod's choice: either may be the one lost.
     lost = output.first(" lost at epoch ", timeout=0)
@@ -188,17 +179,7 @@ def test_an_elastic_job_over_ssh_loses_a_remote_worker_and_takes_its_host_back(t
     )
     output = Lines(job.stdout)
     output.start()
-    try:
-        assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
-        time.sleep(2)
-        pid = first_worker(tmp_path, 1, timeout=5)
-        assert pid is not None and job.poll() is None
-        os.kill(pid, signal.SIGKILL)
-        killed = time.time()
-        assert job.wait(timeout=180) == 0
-    finally:
-        job.kill()
-    output.join(timeout=10)
+    killed = kill_mid_epoch(job, output, tmp_path, rank=1)
     text = "\n".join(line for _, line in output.lines)
     lost = output.first(" lost at epoch ", timeout=0)
     assert lost is not None and lost - killed < 5, text

@@ -40,7 +40,7 @@ import numpy as np
 
 from serve.errors import ImageError, PipelineError
 from serve.files import atomic_path, read_regular_file, write_atomic
-from serve.preprocess import MAX_IMAGE_BYTES, to_pixels
+from serve.preprocess import MAX_IMAGE_BYTES, in_order, to_pixels
 
 FORMAT = "edge-pipeline data cache"
 # Bump when serve's preprocessing or this layout changes what a cache holds, so that older caches are never read.
@@ -436,23 +436,11 @@ def _ingest(
     progress = _Progress(total)
     with concurrent.futures.ThreadPoolExecutor(threads, "cache-decode") as pool:
         try:
-            results = _decoded_in_order(pool, tasks, 4 * threads)
+            results = in_order(pool, _decode_chunk, tasks, ahead=4 * threads)
             for name, index, items in todo:
                 yield _write_shard(folder, name, index, items, splits[name], names, results, progress)
         finally:
             pool.shutdown(cancel_futures=True)  # on an error, what is queued is not decoded for nothing
-
-
-def _decoded_in_order(pool: concurrent.futures.Executor, tasks: list, ahead: int) -> Iterator[list]:
-    """The decoded tasks in order, with at most `ahead` in flight: decoded images wait in memory only that far
-    ahead of the disk."""
-    pending: collections.deque = collections.deque()
-    for task in tasks:
-        pending.append(pool.submit(_decode_chunk, task))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _write_shard(
