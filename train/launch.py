@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from serve.errors import PipelineError
 
@@ -85,20 +86,53 @@ def run_workers(
         raise PipelineError("--workers inside a Horovod job: drop --workers when launching with horovodrun")
     hosts = hosts or f"localhost:{workers}"
     placement = rank_hosts(hosts, workers)
-    env = dict(
-        os.environ,
-        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
-        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
-        # A backstop: a frozen worker also blocks Gloo, whose timeout would end the job naming no rank.
-        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout + 30),
-        PYTHONUNBUFFERED="1",
-    )
+    # The Gloo timeout is a backstop: a frozen worker also blocks Gloo, whose timeout would end the job naming no rank.
+    env = _job_env(timeout, gloo_timeout=timeout + 30)
     env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see _stop_stalled
     command = horovodrun_command(workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
     process = start_horovodrun(command, env)
     heard: dict[int, float] = {}  # rank -> time.monotonic() of its last line
     stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
     threading.Thread(target=_stop_stalled, args=(process, heard, timeout, stalled), daemon=True).start()
+
+    ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
+
+    def show(rank: int, stream: str, text: str) -> None:
+        heard[rank] = time.monotonic()
+        if text == HEARTBEAT:
+            return
+        if stream == "stderr" and SSH_MESSAGE.match(text):
+            ssh_errors.setdefault(rank, text)
+        elif rank == 0:
+            print(text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+        else:
+            print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+
+    launcher_lines, worker_errors = _relay(process, show)
+    worker_errors = {**ssh_errors, **worker_errors}
+    code = process.wait()
+    if stalled:
+        rank, seconds = next(iter(stalled.items()))
+        raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
+    if code != 0:
+        raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
+
+
+def _job_env(timeout: int, gloo_timeout: int) -> dict[str, str]:
+    """The environment of horovodrun and its workers: Horovod's stall check and Gloo's timeout from `timeout`."""
+    return dict(
+        os.environ,
+        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
+        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
+        HOROVOD_GLOO_TIMEOUT_SECONDS=str(gloo_timeout),
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def _relay(process: subprocess.Popen, show: Callable[[int, str, str], None]) -> tuple[list[str], dict[int, str]]:
+    """Read horovodrun's output to its end: each worker line ("[N]<stream>:text") goes to show(N, stream, text),
+    except a worker's "Error: ..." line, kept to explain a failure (raised once, by the launcher, rather than once
+    per worker). Returns (horovodrun's own lines, the first error of each worker)."""
     launcher_lines, worker_errors = [], {}
     for line in process.stdout:
         line = line.rstrip("\n")
@@ -106,24 +140,12 @@ def run_workers(
         if not match:
             launcher_lines.append(line)
             continue
-        rank, stream, text = int(match[1]), match[2], match[3]
-        heard[rank] = time.monotonic()
-        if text == HEARTBEAT:
-            continue
-        if text.startswith("Error: "):  # raised once, below, rather than once per worker
-            worker_errors.setdefault(rank, text[len("Error: ") :])
-        elif stream == "stderr" and SSH_MESSAGE.match(text):  # ssh could not start this worker: its words
-            worker_errors.setdefault(rank, text)
-        elif rank == 0:
-            print(text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+        worker, stream, text = int(match[1]), match[2], match[3]
+        if text.startswith("Error: "):
+            worker_errors.setdefault(worker, text[len("Error: ") :])
         else:
-            print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-    code = process.wait()
-    if stalled:
-        rank, seconds = next(iter(stalled.items()))
-        raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
-    if code != 0:
-        raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
+            show(worker, stream, text)
+    return launcher_lines, worker_errors
 
 
 def _stop_stalled(process: subprocess.Popen, heard: dict[int, float], timeout: int, stalled: dict[int, float]) -> None:
@@ -242,28 +264,15 @@ def run_elastic_workers(
         command[at : at + 2] = ["--host-discovery-script", discovery_script]
     command[at:at] = ["--min-np", str(min_workers), *(["--max-np", str(max_workers)] if max_workers else [])]
     command[at:at] = ["--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN)]
-    env = dict(
-        os.environ,
-        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
-        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
-        HOROVOD_GLOO_TIMEOUT_SECONDS=str(timeout),
-        PYTHONUNBUFFERED="1",
-    )
-    process = start_horovodrun(command, env)
-    launcher_lines, worker_errors = [], {}
-    for line in process.stdout:
-        line = line.rstrip("\n")
-        match = WORKER_LINE.match(line)
-        if not match:
-            launcher_lines.append(line)
-            continue
-        worker, stream, text = int(match[1]), match[2], match[3]
-        if text.startswith("Error: "):
-            worker_errors.setdefault(worker, text[len("Error: ") :])
-        elif stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
+    process = start_horovodrun(command, _job_env(timeout, gloo_timeout=timeout))
+
+    def show(worker: int, stream: str, text: str) -> None:
+        if stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
             print(text, flush=True)
         else:
             print(f"[worker {worker}] {text}", file=sys.stderr, flush=True)
+
+    launcher_lines, worker_errors = _relay(process, show)
     code = process.wait()
     if code != 0:
         raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
