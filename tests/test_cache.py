@@ -197,6 +197,7 @@ def test_damaged_shard_is_detected_and_rebuilt(tmp_path, capsys, monkeypatch):
     root = make_image_folder(tmp_path / "shapes", per_class=8)
     config = folder_config(root, tmp_path / "cache")
     first = load_dataset(config)
+    first_train, first_val = first.train_x[:], first.val_x[:]
     folder = cache_folder(tmp_path / "cache")
     intact = files_of(folder)
     shard = folder / "train-00001.u8"
@@ -208,7 +209,7 @@ def test_damaged_shard_is_detected_and_rebuilt(tmp_path, capsys, monkeypatch):
     again = load_dataset(config)
     err = capsys.readouterr().err
     assert f"{shard}: damaged cache shard" in err and decoded(err) == [8]
-    assert np.array_equal(again.train_x[:], first.train_x[:]) and np.array_equal(again.val_x[:], first.val_x[:])
+    assert np.array_equal(again.train_x[:], first_train) and np.array_equal(again.val_x[:], first_val)
     assert files_of(folder) == intact
 
 
@@ -389,6 +390,14 @@ def test_image_view_indexes_like_numpy(view_and_reference):
             ref[key]
     with pytest.raises(TypeError, match="refusing to load all"):
         np.asarray(view)
+
+
+def test_only_a_split_within_the_memory_limit_is_read_into_memory(view_and_reference):
+    view, ref = view_and_reference
+    order = np.array([9, 2, 30, 0])
+    held = cache.in_memory_if_small(view.subset(order), limit=4 * 24 * 24 * 3)
+    assert isinstance(held, np.ndarray) and np.array_equal(held, ref[order])
+    assert isinstance(cache.in_memory_if_small(view, limit=4 * 24 * 24 * 3), cache.ImageView)
 
 
 def test_image_view_reads_from_threads_and_forked_children_agree(view_and_reference):

@@ -53,6 +53,9 @@ CHUNK = 16  # images per task of a decoding thread: handing a task over costs ~2
 HASH_THREADS = 4  # hashlib releases the GIL on large buffers: shards are checked in parallel
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files"}
+# A training split up to this size is read into memory once (in_memory_if_small): a shuffled batch then costs one
+# numpy gather instead of one read per image. Larger splits stay on disk and are read batch by batch.
+IN_MEMORY_BYTES = 256 * 2**20
 
 
 class CacheError(PipelineError):
@@ -185,6 +188,11 @@ class ImageView:
         raise TypeError(
             f"refusing to load all {len(self)} cached images into one array; index the view (view[a:b]) instead"
         )
+
+
+def in_memory_if_small(images: ImageView, limit: int = IN_MEMORY_BYTES) -> ImageView | np.ndarray:
+    """`images` as one array when they take at most `limit` bytes; else the view itself, read when indexed."""
+    return images[:] if math.prod(images.shape) <= limit else images
 
 
 def _index_array(key) -> np.ndarray:

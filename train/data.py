@@ -1,7 +1,8 @@
 """Data sources: an image folder (one sub-folder per class) or Fashion-MNIST's idx files.
 
 Every image goes through serve's `to_pixels` once, into the on-disk cache (train/cache.py); a Dataset's images are
-views of that cache, read batch by batch, so no process holds a whole data set. Labels are int64 arrays in memory.
+views of that cache, read batch by batch, so no process holds a whole data set; only a training split of at most
+IN_MEMORY_BYTES (256 MiB) is read into memory, where shuffled batches are cheaper. Labels are int64 arrays in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from serve.errors import PipelineError
 from serve.preprocess import IMAGE_EXTENSIONS
-from train.cache import ImageView, Source, Split, open_cache, verify_cache
+from train.cache import ImageView, Source, Split, in_memory_if_small, open_cache, verify_cache
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -47,10 +48,11 @@ class DataError(PipelineError):
 
 @dataclass
 class Dataset:
-    """Images as uint8 (N, H, W, C) views of the cache with int64 labels, split for training."""
+    """Images as uint8 (N, H, W, C) views of the cache (a small training split: an array) with int64 labels, split
+    for training."""
 
     class_names: list[str]
-    train_x: ImageView
+    train_x: ImageView | np.ndarray
     train_y: np.ndarray
     val_x: ImageView
     val_y: np.ndarray
@@ -105,7 +107,7 @@ def load_dataset(config: dict) -> Dataset:
         test_x, test_y = test_x.subset(keep), test_y[keep]
     return Dataset(
         class_names=list(source.class_names),
-        train_x=x.subset(train_idx),
+        train_x=in_memory_if_small(x.subset(train_idx)),
         train_y=y[train_idx],
         val_x=x.subset(val_idx),
         val_y=y[val_idx],
