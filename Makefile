@@ -104,7 +104,7 @@ bench: setup
 	$(BIN)/python benchmarks/data_bench.py
 	$(BIN)/python benchmarks/scaling_bench.py
 	$(BIN)/pipeline pretrained efficientnet-lite0
-	$(BIN)/python benchmarks/pretrained_bench.py
+	$(BIN)/python benchmarks/pretrained_bench.py --plain-int8
 	$(BIN)/python benchmarks/int8_io_bench.py
 
 lint: setup

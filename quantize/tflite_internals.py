@@ -1,14 +1,17 @@
-"""TensorFlow's private TFLite Python API, behind one door: rewriting a model's metadata list.
+"""TensorFlow's private TFLite Python API, behind one door: rewriting a model's metadata list, graph and biases, and
+the converter's calibrate and quantise steps taken one at a time.
 
-`tensorflow.lite.python.schema_py_generated` (the schema's object API) and `tensorflow.lite.tools.flatbuffer_utils`
-are not public and may change in any TensorFlow release. This is the only module that imports them, and only after
-checking that the installed TensorFlow is a release they are known to work with.
+`tensorflow.lite.python.schema_py_generated` (the schema's object API), `tensorflow.lite.tools.flatbuffer_utils`,
+`tensorflow.lite.python.convert.mlir_quantize` and the converter's `_experimental_calibrate_only` are not public
+and may change in any TensorFlow release. This is the only module that uses them, and only after checking that the
+installed TensorFlow is a release they are known to work with.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Collection
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,3 +89,124 @@ def softmax_in_float(model: bytes) -> bytes:
     softmax.inputs, softmax.outputs = np.array([int8_scores]), np.array([scores])
     graph.operators[-2:] = [dequantize, softmax]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
+# Added for int8 that keeps float's answers (quantize/convert.py): the converter's two steps taken apart, so that
+# chosen ops can stay in float and the int8 graph's biases can be corrected after the fact.
+def calibrate_only(converter) -> bytes:
+    """What `converter` (set up for full-integer quantisation, with a representative dataset) makes before it
+    quantises: the float graph with each tensor's calibrated range recorded in it."""
+    _private_api()
+    converter._experimental_calibrate_only = True
+    return converter.convert()
+
+
+def quantize_calibrated(
+    calibrated_model: bytes, float_ops: Collection[str] = (), *, numeric_verify: bool = False
+) -> bytes:
+    """The integer graph of `calibrated_model` with uint8 input and float32 output, as the converter would make it,
+    except that the ops whose output tensors are named in `float_ops` run in float on float inputs (a run of such
+    ops passes float tensors from one to the next). With `numeric_verify`, the debug graph that
+    tf.lite.experimental.QuantizationDebugger reads."""
+    _private_api()
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import deduplicate_readonly_buffers, mlir_quantize
+
+    model = mlir_quantize(
+        calibrated_model,
+        input_data_type=tf.uint8,
+        output_data_type=tf.float32,
+        enable_numeric_verify=numeric_verify,
+        denylisted_nodes=list(float_ops) or None,
+    )
+    return model if numeric_verify else deduplicate_readonly_buffers(model)
+
+
+class GraphOp(NamedTuple):
+    """One op of a TFLite graph: its output tensor's name (what `quantize_calibrated` takes), the names of the ops that
+    produce its inputs, whether it has weights (a convolution or fully-connected layer), and the range
+    its fused activation clamps its output to."""
+
+    name: str
+    producers: tuple[str, ...]
+    weighted: bool
+    clamp: tuple[float, float]
+
+
+def graph_ops(model: bytes) -> list[GraphOp]:
+    """The ops of `model`'s main graph in execution order."""
+    schema, flatbuffer_utils = _private_api()
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = tree.subgraphs[0]
+    weighted = {
+        schema.BuiltinOperator.CONV_2D,
+        schema.BuiltinOperator.DEPTHWISE_CONV_2D,
+        schema.BuiltinOperator.FULLY_CONNECTED,
+    }
+    clamps = {
+        schema.ActivationFunctionType.RELU: (0.0, np.inf),
+        schema.ActivationFunctionType.RELU6: (0.0, 6.0),
+        schema.ActivationFunctionType.RELU_N1_TO_1: (-1.0, 1.0),
+    }
+    producer = {}
+    ops = []
+    for op in graph.operators:
+        code = tree.operatorCodes[op.opcodeIndex]
+        name = _name(graph.tensors[op.outputs[0]])
+        activation = getattr(op.builtinOptions, "fusedActivationFunction", None)
+        ops.append(
+            GraphOp(
+                name=name,
+                producers=tuple(producer[i] for i in op.inputs if i in producer),
+                weighted=max(code.builtinCode, code.deprecatedBuiltinCode) in weighted,
+                clamp=clamps.get(activation, (-np.inf, np.inf)),
+            )
+        )
+        producer.update({i: name for i in op.outputs})
+    return ops
+
+
+class BiasEditor:
+    """A TFLite model whose weighted ops' biases can be shifted one by one: int32 biases of integer ops in steps of
+    their own scale (input scale times weight scale, per channel), float biases as they are."""
+
+    def __init__(self, model: bytes) -> None:
+        schema, flatbuffer_utils = _private_api()
+        self._tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+        graph = self._tree.subgraphs[0]
+        # Op output name: bias tensor, in graph order.
+        self._biases = {
+            _name(graph.tensors[op.outputs[0]]): graph.tensors[op.inputs[2]]
+            for op in graph.operators
+            if len(op.inputs) > 2 and op.inputs[2] >= 0
+        }
+        self._int32 = schema.TensorType.INT32
+
+    def subtract(self, op_name: str, shift: np.ndarray) -> None:
+        """Take `shift` (per output channel, in the op's float output units) off the bias of op `op_name`; an op
+        without a bias (the converter drops all-zero ones) is left as it is."""
+        if op_name not in self._biases:
+            return
+        bias = self._biases[op_name]
+        buffer = self._tree.buffers[bias.buffer]
+        if bias.type == self._int32:
+            steps = np.round(shift / np.asarray(bias.quantization.scale, np.float64)).astype(np.int32)
+            buffer.data = (buffer.data.view(np.int32) - steps).view(np.uint8)
+        else:
+            buffer.data = (buffer.data.view(np.float32) - shift.astype(np.float32)).view(np.uint8)
+
+    def take_biases(self, other: bytes, op_names: Collection[str]) -> bool:
+        """Give the ops `op_names` the biases that the ops in the same places have in `other`, a model of the same
+        graph (its names may differ). Returns False, taking nothing, when the graphs' biased ops do not pair up (the
+        converter drops an all-zero bias, for one)."""
+        donor = BiasEditor(other)
+        if len(donor._biases) != len(self._biases):
+            return False
+        for (name, ours), theirs in zip(self._biases.items(), donor._biases.values()):
+            if name in op_names:
+                self._tree.buffers[ours.buffer].data = donor._tree.buffers[theirs.buffer].data.copy()
+        return True
+
+    def model(self) -> bytes:
+        _, flatbuffer_utils = _private_api()
+        return bytes(flatbuffer_utils.convert_object_to_bytearray(self._tree))

@@ -79,13 +79,19 @@ def bundles(fmnist_run) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def pretrained_bundles(tmp_path_factory) -> dict[str, Path]:
-    """int8, float16 and float32 bundles of the pretrained EfficientNet-Lite0 (pipeline pretrained)."""
+def pretrained_run(tmp_path_factory) -> tuple[Path, str]:
+    """`pipeline pretrained efficientnet-lite0 --name lite0`, run once (its int8 conversion takes minutes): (the run
+    directory, what the command printed)."""
     folder = tmp_path_factory.mktemp("pretrained")
-    run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=folder)
-    return {
-        mode: folder / "runs" / "lite0" / "export" / f"lite0_{mode}.tflite" for mode in ("int8", "float16", "float32")
-    }
+    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=folder)
+    return folder / "runs" / "lite0", result.stdout
+
+
+@pytest.fixture(scope="session")
+def pretrained_bundles(pretrained_run) -> dict[str, Path]:
+    """int8, float16 and float32 bundles of the pretrained EfficientNet-Lite0 (pipeline pretrained)."""
+    run, _ = pretrained_run
+    return {mode: run / "export" / f"lite0_{mode}.tflite" for mode in ("int8", "float16", "float32")}
 
 
 @pytest.fixture(scope="session")

@@ -70,21 +70,24 @@ def test_rebuilt_network_matches_the_reference_scores():
 
 
 @pytest.mark.slow
-def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path):
-    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=tmp_path)
-    assert "int8" in result.stdout and "float16" in result.stdout
-    export = tmp_path / "runs" / "lite0" / "export"
+def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path, pretrained_run):
+    run, printed = pretrained_run
+    assert "int8" in printed and "float16" in printed
+    export = run / "export"
     for mode in ("float32", "int8", "float16"):
         label = run_pipeline("label", str(GRACE_HOPPER), "-m", str(export / f"lite0_{mode}.tflite"), cwd=tmp_path)
         first = label.stdout.splitlines()[0]
         assert first.startswith("military uniform (653): "), (mode, label.stdout)
-    report = json.loads((tmp_path / "runs" / "lite0" / "quantize_report.json").read_text())
+    report = json.loads((run / "quantize_report.json").read_text())
     int8 = report["bundles"]["int8"]
-    # Measured 14/17 and 0.94 on the whole photos, 0.88 and 0.90 on 102 held-out crops (0.82, 0.86, 0.78 and 0.87
-    # before bias correction and the float softmax); the disagreements are textures with no clear class.
-    assert int8["agreement"] >= 0.8 and int8["top5_overlap"] >= 0.9
+    # Measured 17/17 and 0.99 on the whole photos, 0.95 and 0.96 on 102 held-out crops (plain int8: 15/17, 0.96,
+    # 0.89, 0.92): int8 changed float's answer on 85% of the calibration images, so the conversion kept its
+    # sensitive layers in float and corrected its biases on the int8 graph. What remains are near-ties in float32
+    # (margins under 0.05), which is why the bounds leave one photo and two crops of room.
+    assert "kept 7 sensitive op(s) in float" in printed
+    assert int8["agreement"] >= 16 / 17 and int8["top5_overlap"] >= 0.93
     assert report["held_out_images"] == 17 * 6
-    assert int8["held_out"]["agreement"] >= 0.85 and int8["held_out"]["top5_overlap"] >= 0.88
+    assert int8["held_out"]["agreement"] >= 0.93 and int8["held_out"]["top5_overlap"] >= 0.93
     assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
     classifier = Classifier(export / "lite0_int8.tflite")
     assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
