@@ -115,7 +115,9 @@ def kill_mid_epoch(job: subprocess.Popen, output: Lines, runs_dir: Path, rank: i
         assert pid is not None and job.poll() is None
         os.kill(pid, signal.SIGKILL)
         killed = time.time()
-        assert job.wait(timeout=180) == 0
+        code = job.wait(timeout=180)
+        output.join(timeout=10)
+        assert code == 0, "\n".join(line for _, line in output.lines[-40:])
     finally:
         job.kill()
     output.join(timeout=10)
