@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -142,11 +143,14 @@ def top1_agreement(flat: bytes, model, images: np.ndarray) -> float:
 def sensitive_ops(calibrated_model: bytes, images: np.ndarray) -> list[str]:
     """The ops of `calibrated_model` whose int8 outputs err by more than SENSITIVE_STEPS quantisation steps (root
     mean square, against the float op on the same int8 inputs), by TensorFlow's QuantizationDebugger on `images`."""
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        quant_debug_model_content=quantize_calibrated(calibrated_model, numeric_verify=True),
-        debug_dataset=lambda: ([image[None]] for image in images),
-    )
-    debugger.run()
+    with warnings.catch_warnings():
+        # The debugger runs TensorFlow's own tf.lite.Interpreter, which warns that it is deprecated for LiteRT's.
+        warnings.filterwarnings("ignore", message=r"\s*Warning: Please use the LiteRT interpreter")
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            quant_debug_model_content=quantize_calibrated(calibrated_model, numeric_verify=True),
+            debug_dataset=lambda: ([image[None]] for image in images),
+        )
+        debugger.run()
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
     return [
@@ -220,7 +224,10 @@ def _run(flat: bytes, images: np.ndarray, read, keep_tensors: bool = False) -> n
     results stacked."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=flat, experimental_preserve_all_tensors=keep_tensors)
+    with warnings.catch_warnings():
+        # Reading every layer's output needs every tensor kept; LiteRT warns that this is for debugging.
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+        interpreter = Interpreter(model_content=flat, experimental_preserve_all_tensors=keep_tensors)
     interpreter.allocate_tensors()
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
