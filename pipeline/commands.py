@@ -42,6 +42,7 @@ def cli() -> None:
       pipeline quantize runs/fashion_mnist    # int8 bundle + accuracy gate
       pipeline pretrained efficientnet-lite0  # ImageNet bundles
       pipeline label image.jpg                # top 5 labels, newest bundle
+      pipeline cache                          # the data caches on disk; --remove KEY deletes one
     """
 
 
@@ -393,6 +394,28 @@ def samples(count, out, data_path) -> None:
 
     for path in write_fashion_mnist_samples(count=count, out=out, data_path=data_path):
         click.echo(path)
+
+
+@cli.command()
+@click.option(
+    "--remove",
+    "remove_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Delete this cache (repeat for more; 'all' for every one). One in use is refused.",
+)
+@click.option("--cache-dir", help="The cache directory. Default: $PIPELINE_CACHE, else ~/.cache/edge-pipeline.")
+def cache(remove_keys, cache_dir) -> None:
+    """List the data caches (each data set's decoded images, one per input size), or delete some.
+
+    Nothing deletes a cache by itself: a data set that changed, or another input size, leaves the old one behind.
+    """
+    from pipeline.jobs import list_data_caches, remove_data_caches
+
+    if remove_keys:
+        remove_data_caches(remove_keys, cache_dir=cache_dir)
+    else:
+        list_data_caches(cache_dir=cache_dir)
 
 
 def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:

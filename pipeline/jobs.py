@@ -1,4 +1,5 @@
-"""The jobs that join the stages: quantise a trained run, export the pretrained ImageNet model, write samples.
+"""The jobs that join the stages: quantise a trained run, export the pretrained ImageNet model, write samples,
+list and remove data caches.
 
 Plain functions with keyword arguments, so that scripts and notebooks can call what the CLI calls. Each loads
 TensorFlow only when called (after `tensorflow_env.prepare()`), so importing this module stays cheap.
@@ -119,3 +120,52 @@ def write_fashion_mnist_samples(
             Image.fromarray(images[i]).save(tmp, format="PNG")
         written.append(path)
     return written
+
+
+def list_data_caches(*, cache_dir: str | Path | None = None) -> list:
+    """Print the data caches under `cache_dir` (default: $PIPELINE_CACHE, else ~/.cache/edge-pipeline), the most
+    recently used first, as a table; return them (train.cache.CacheEntry)."""
+    import time
+
+    from train.cache import list_caches
+    from train.data import cache_dir as default_cache_dir
+
+    folder = default_cache_dir({"cache_dir": cache_dir})
+    entries = list_caches(folder)
+    if not entries:
+        print(f"no data caches in {folder}")
+        return entries
+    print(f"data caches in {folder}:")
+    print(f"{'key':24}  {'input':>9}  {'images':>9}  {'on disk':>10}  {'last used':16}  source")
+    for entry in entries:
+        shape = "x".join(map(str, entry.input_shape)) if entry.input_shape else "-"
+        what = entry.source if entry.state == "complete" else f"({entry.state})"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        images = f"{entry.images:,}" if entry.state == "complete" else "-"
+        print(f"{entry.key:24}  {shape:>9}  {images:>9}  {_size(entry.size_bytes):>10}  {used:16}  {what}")
+    total = sum(entry.size_bytes for entry in entries)
+    print(f"{len(entries)} cache(s), {_size(total)}; delete one with: pipeline cache --remove KEY")
+    return entries
+
+
+def remove_data_caches(keys: Sequence[str], *, cache_dir: str | Path | None = None) -> None:
+    """Delete the data caches `keys` ("all": every one) under `cache_dir` (as list_data_caches), printing each.
+    PipelineError for a key that is not there, before anything is deleted, or for a cache in use."""
+    from train.cache import list_caches, remove_cache
+    from train.data import cache_dir as default_cache_dir
+
+    folder = default_cache_dir({"cache_dir": cache_dir})
+    entries = {entry.key: entry for entry in list_caches(folder)}
+    unknown = [key for key in keys if key != "all" and key not in entries]
+    if unknown:
+        raise PipelineError(f"{folder / unknown[0]}: no such data cache (`pipeline cache` lists them)")
+    for entry in entries.values() if "all" in keys else [entries[key] for key in dict.fromkeys(keys)]:
+        remove_cache(entry, folder)
+        print(f"removed {entry.path} ({_size(entry.size_bytes)})")
+
+
+def _size(size_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}"
+    return f"{size_bytes} B"

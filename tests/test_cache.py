@@ -3,6 +3,7 @@ repaired when damaged, one clear line on a full disk, and views that index like 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -338,6 +339,40 @@ def test_fashion_mnist_goes_through_the_cache_at_any_input_size(tmp_path):
     for path in sorted(root.glob("*-ubyte*")):
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     assert data.fingerprint == digest.hexdigest()
+
+
+def test_pipeline_cache_lists_the_caches_and_removes_one_not_in_use(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes", per_class=4)
+    cache_dir = tmp_path / "cache"
+    load_dataset(folder_config(root, cache_dir))
+    load_dataset(folder_config(root, cache_dir, input_size=32))
+    (cache_dir / "android").mkdir()  # the cache directory may hold other things: not listed, never removed
+    listed = run_pipeline("cache", "--cache-dir", str(cache_dir)).stdout
+    keys = sorted(path.name for path in cache_dir.iterdir() if cache.KEY_NAME.fullmatch(path.name))
+    rows = {line.split()[0]: line for line in listed.splitlines() if line.split()[0] in keys}
+    assert len(rows) == 2 and "android" not in listed and "2 cache(s)" in listed
+    assert sorted(row.split()[1] for row in rows.values()) == ["24x24x3", "32x32x3"]
+    images = str(sum(1 for path in root.rglob("*") if path.is_file()))
+    assert all(str(root.resolve()) in row and images in row.split() for row in rows.values())
+    small = next(key for key, row in rows.items() if "24x24x3" in row)
+
+    # A cache a process is using (a training run holds its lock) is refused, and stays whole.
+    fd = os.open(cache_dir / f"{small}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    refused = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", small, check=False)
+    os.close(fd)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "in use by another process" in refused.stderr
+    missing = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", "0" * 24, check=False)
+    assert missing.returncode == 1 and "no such data cache" in missing.stderr
+
+    removed = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", small).stdout
+    assert removed.startswith(f"removed {cache_dir / small} (")
+    assert not (cache_dir / small).exists() and (cache_dir / "android").is_dir()
+    capsys.readouterr()
+    load_dataset(folder_config(root, cache_dir, input_size=32))  # the other one is intact: nothing decoded again
+    assert decoded(capsys.readouterr().err) == []
+    run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", "all")
+    assert "no data caches in" in run_pipeline("cache", "--cache-dir", str(cache_dir)).stdout
 
 
 def test_cache_dir_setting_must_be_a_folder_name():

@@ -28,6 +28,7 @@ import json
 import math
 import operator
 import os
+import re
 import shutil
 import sys
 import threading
@@ -56,6 +57,7 @@ SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files"}
 # A training split up to this size is read into memory once (in_memory_if_small): a shuffled batch then costs one
 # numpy gather instead of one read per image. Larger splits stay on disk and are read batch by batch.
 IN_MEMORY_BYTES = 256 * 2**20
+KEY_NAME = re.compile(r"[0-9a-f]{24}")  # what cache_key gives: a cache directory holds other things too
 
 
 class CacheError(PipelineError):
@@ -140,6 +142,81 @@ def verify_cache(source: Source, size: int, channels: int, cache_dir: Path) -> N
             file=sys.stderr,
         )
         shutil.rmtree(folder)
+
+
+@dataclass
+class CacheEntry:
+    """One data cache under a cache directory, as `pipeline cache` lists it."""
+
+    key: str
+    path: Path  # its folder; a file for a cache of an older version of this program (KEY.npz)
+    source: str  # the folder or files it was decoded from; "" when it has no manifest
+    input_shape: tuple[int, int, int] | None  # (size, size, channels), from its manifest
+    images: int
+    size_bytes: int  # on disk
+    last_used: float  # when a process last opened or wrote it (its lock file's time), as time.time() gives
+    state: str  # "complete"; "incomplete" (an ingest stopped, or is running); "old version"
+
+
+def list_caches(cache_dir: Path) -> list[CacheEntry]:
+    """The data caches under `cache_dir`, the most recently used first; anything else there is left out."""
+    entries = []
+    for path in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        key = path.name.split(".", 1)[0]
+        if KEY_NAME.fullmatch(key) and path.suffix != ".lock":
+            entries.append(_entry(cache_dir, key, path))
+    return sorted(entries, key=lambda entry: entry.last_used, reverse=True)
+
+
+def remove_cache(entry: CacheEntry, cache_dir: Path) -> None:
+    """Delete a cache that no process is using (CacheError if one is). Its lock file stays: a process that opened it
+    to wait for this one must lock the same file as any that comes later."""
+    lock = cache_dir / f"{entry.key}.lock"
+    with _writing(entry.path):
+        # Every process that uses a cache locks this file first; a cache without one was never used by this version.
+        fd = os.open(lock, os.O_RDWR) if lock.exists() else None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise CacheError(f"{entry.path}: in use by another process (training?); not removed") from None
+            if entry.path.is_dir():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def _entry(cache_dir: Path, key: str, path: Path) -> CacheEntry:
+    lock = cache_dir / f"{key}.lock"
+    last_used = max(_stat(path).st_mtime, _stat(lock).st_mtime if lock.exists() else 0.0)
+    if not path.is_dir():
+        return CacheEntry(key, path, "", None, 0, _stat(path).st_size, last_used, "old version")
+    size = sum(_stat(file).st_size for file in path.iterdir())
+    manifest = _read_json(path / "manifest.json")
+    if manifest is None:
+        return CacheEntry(key, path, "", None, 0, size, last_used, "incomplete")
+    if manifest.get("format") != FORMAT or manifest.get("version") != CACHE_VERSION:
+        return CacheEntry(key, path, "", None, 0, size, last_used, "old version")
+    shape = (manifest["input_size"], manifest["input_size"], manifest["channels"])
+    images = sum(split["images"] for split in manifest["splits"].values())
+    return CacheEntry(key, path, _source_name(manifest["source"]), shape, images, size, last_used, "complete")
+
+
+def _stat(path: Path) -> os.stat_result:
+    """The file's stat; zeros for one gone meanwhile (a temp file renamed by a running ingest)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return os.stat_result((0,) * 10)
+
+
+def _source_name(identity: str) -> str:
+    """A source's identity as a person reads it: a folder, or the folder of a data set's files."""
+    return os.path.commonpath(json.loads(identity)) if identity.startswith("[") else identity
 
 
 def cache_key(source: Source, listing: list[list], size: int, channels: int) -> str:
@@ -300,6 +377,7 @@ def _locked(path: Path, folder: Path, shared: bool) -> Iterator[None]:
         except BlockingIOError:
             print(f"{folder}: waiting for another process using the data cache", file=sys.stderr)
             fcntl.flock(fd, mode)
+        os.utime(fd)  # when the cache was last used: what `pipeline cache` shows
         yield
     finally:
         os.close(fd)  # releases the lock
