@@ -159,6 +159,8 @@ def remove_data_caches(keys: Sequence[str], *, cache_dir: str | Path | None = No
     unknown = [key for key in keys if key != "all" and key not in entries]
     if unknown:
         raise PipelineError(f"{folder / unknown[0]}: no such data cache (`pipeline cache` lists them)")
+    if not entries:
+        print(f"no data caches in {folder}")
     for entry in entries.values() if "all" in keys else [entries[key] for key in dict.fromkeys(keys)]:
         remove_cache(entry, folder)
         print(f"removed {entry.path} ({_size(entry.size_bytes)})")
