@@ -195,17 +195,16 @@ class BiasEditor:
         else:
             buffer.data = (buffer.data.view(np.float32) - shift.astype(np.float32)).view(np.uint8)
 
-    def take_biases(self, other: bytes, op_names: Collection[str]) -> bool:
+    def take_biases(self, other: bytes, op_names: Collection[str]) -> None:
         """Give the ops `op_names` the biases that the ops in the same places have in `other`, a model of the same
-        graph (its names may differ). Returns False, taking nothing, when the graphs' biased ops do not pair up (the
-        converter drops an all-zero bias, for one)."""
+        graph (its names may differ). Nothing is taken when the graphs' biased ops do not pair up (the converter
+        drops an all-zero bias, for one)."""
         donor = BiasEditor(other)
         if len(donor._biases) != len(self._biases):
-            return False
+            return
         for (name, ours), theirs in zip(self._biases.items(), donor._biases.values()):
             if name in op_names:
                 self._tree.buffers[ours.buffer].data = donor._tree.buffers[theirs.buffer].data.copy()
-        return True
 
     def model(self) -> bytes:
         _, flatbuffer_utils = _private_api()

@@ -376,19 +376,6 @@ def _coloured_noise(count: int, seed: int) -> np.ndarray:
     return np.clip(colours + noise, 0, 255).astype(np.uint8)
 
 
-def _float_and_int8_scores(model, flat: bytes, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flat)
-    interpreter.allocate_tensors()
-    scores = []
-    for image in images:
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
-        interpreter.invoke()
-        scores.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
-    return model.predict(images.astype(np.float32), verbose=0), np.array(scores)
-
-
 def test_int8_that_changes_floats_answers_is_made_again_with_corrected_biases(capsys):
     """Near-ties: plain int8 picks another class than float on too many calibration images, so the conversion is
     made again (sensitive layers in float, biases corrected on the int8 graph), still uint8 in and float32 out."""
@@ -434,7 +421,7 @@ def test_int8_that_keeps_floats_answers_is_converted_plainly(capsys):
     all it costs) and every weighted op is integer."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from quantize.convert import to_tflite
+    from quantize.convert import to_tflite, top1_agreement
     from quantize.tflite_internals import graph_ops
 
     calibration = _coloured_noise(200, seed=0)
@@ -445,5 +432,4 @@ def test_int8_that_keeps_floats_answers_is_converted_plainly(capsys):
     types = {detail["name"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
     weighted = [op.name for op in graph_ops(flat) if op.weighted]
     assert len(weighted) == 3 and all(types[name] == np.int8 for name in weighted)
-    reference, scores = _float_and_int8_scores(model, flat, calibration)
-    assert np.mean(scores.argmax(1) == reference.argmax(1)) >= 0.95
+    assert top1_agreement(flat, model, calibration) >= 0.95
