@@ -60,6 +60,36 @@ def test_the_elastic_learning_rate_is_the_fixed_size_schedule_of_the_current_wor
             assert rate(learning_rate, epochs, warmup_epochs, step / steps, workers) == pytest.approx(expected)
 
 
+class CommitLog(keras.callbacks.Callback):
+    """Stands in for the training state: notes the batch (of the fit) each commit comes after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches_done, self.commits = 0, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches_done = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.batches_done = "end"
+
+    def commit(self) -> None:
+        self.commits.append(self.batches_done)
+
+
+def test_an_elastic_epoch_never_commits_after_its_last_batch_only_at_its_end():
+    # A commit there, rolled back to, resumed an epoch with no batch left: "steps_per_epoch must be positive".
+    from train.elastic import CommitState
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((16, 2), "float32"), np.zeros((16, 1), "float32")
+    for steps, expected in [(6, [3, "end"]), (7, [3, 6, "end"]), (1, ["end"])]:
+        log = CommitLog()
+        model.fit(x, y, batch_size=2, steps_per_epoch=steps, callbacks=[log, CommitState(log, 3, steps)], verbose=0)
+        assert log.commits == expected, steps
+
+
 def test_min_workers_without_hosts_is_a_usage_error():
     result = run_pipeline("train", "--min-workers", "1", check=False)
     assert result.returncode == 2

@@ -73,6 +73,24 @@ class Progress(keras.callbacks.Callback):
         self.state.epoch, self.state.batch, self.state.images = epoch + 1, 0, 0
 
 
+class CommitState(keras.callbacks.Callback):
+    """Commits the state every `every` batches and at the epoch's end, but not after the last of the `steps`
+    batches: a rollback to there (a lost worker in validation, a host joining at that commit) would resume an
+    epoch with no batch left, and its end -- validation, metrics row, checkpoint -- was not done yet. Horovod's
+    CommitStateCallback commits there too. Placed after Progress, so the epoch's end commits the next epoch."""
+
+    def __init__(self, state: TrainingState, every: int, steps: int) -> None:
+        super().__init__()
+        self.state, self.every, self.steps = state, every, steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every == 0 and batch + 1 < self.steps:
+            self.state.commit()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.state.commit()
+
+
 def rate(learning_rate: float, epochs: int, warmup_epochs: float, progress: float, workers: int) -> float:
     """The learning rate after `progress` epochs with `workers` workers: the cosine decay (to 1%) of
     workers x learning_rate, reached by a linear warm-up from learning_rate over `warmup_epochs` when

@@ -164,16 +164,17 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
                     writers[-1],
                     keras.callbacks.TensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
                 ]
+            steps = math.ceil((count - done) // workers / batch_size)
             callbacks += [
                 elastic.ScaledLearningRate(state, config, count),
                 elastic.Progress(state, batch_size, count),  # before the commit, which saves what it counted
-                elastic.hvd_elastic.CommitStateCallback(state, batches_per_commit=config["commit_every"]),
+                elastic.CommitState(state, config["commit_every"], steps),
             ]
             model.fit(
                 epoch_batches(data, config, epoch, done),
                 initial_epoch=epoch,
                 epochs=epoch + 1,
-                steps_per_epoch=math.ceil((count - done) // workers / batch_size),
+                steps_per_epoch=steps,
                 validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size),
                 callbacks=callbacks,
                 verbose=(1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0,
