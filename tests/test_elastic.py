@@ -19,7 +19,7 @@ import tf_keras as keras
 
 from tests.conftest import PIPELINE, ROOT, run_pipeline, worker_pid
 from tests.sshd import two_hosts
-from train.run import epoch_indices, remaining_indices
+from train.run import epoch_indices, remaining_indices, resume_point
 
 
 def test_an_epoch_resplit_after_a_change_of_size_trains_each_image_once():
@@ -39,6 +39,15 @@ def test_an_epoch_resplit_after_a_change_of_size_trains_each_image_once():
         assert len(np.unique(together)) == len(together)
         sitting_out = order[done + (count - done) // after * after :]
         assert set(together) | set(sitting_out) == set(order) and len(sitting_out) < after
+
+
+def test_an_elastic_epoch_with_fewer_images_left_than_workers_still_trains_a_step_each():
+    count, workers = 100, 3
+    assert resume_point(count, 40, workers) == 40
+    for done in (98, 99, 100):
+        rest = resume_point(count, done, workers)
+        parts = [remaining_indices(count, 1, 0, rest, rank, workers).numpy() for rank in range(workers)]
+        assert [len(part) for part in parts] == [1] * workers
 
 
 def test_the_elastic_learning_rate_is_the_fixed_size_schedule_of_the_current_worker_count():

@@ -150,7 +150,8 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
             state.commit()
         elastic.note_membership(state, run)
         while state.epoch < config["epochs"]:
-            epoch, done, workers = state.epoch, state.images, distributed.size()
+            epoch, workers = state.epoch, distributed.size()
+            done = resume_point(count, state.images, workers)
             del state.history[epoch:]  # a row written after the last commit, if any, is written again
             callbacks = [distributed.MetricAverage()]
             if distributed.is_chief():
@@ -361,6 +362,14 @@ def remaining_indices(
     seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
     rest = tf.argsort(tf.random.stateless_uniform([count], seed=seeds))[done:]
     return rest[: (count - done) // workers * workers][rank::workers]
+
+
+def resume_point(count: int, done: int, workers: int) -> int:
+    """How many images of an elastic epoch's order to count as trained when it goes on after `done`: `done` --
+    unless fewer than `workers` are left (hosts joined at the epoch's very end), then `workers` before the end.
+    Keras cannot fit zero steps, and the epoch still has to end (validation, metrics row, checkpoint): each
+    worker trains one image, a few of them again."""
+    return min(done, count - workers)
 
 
 # tf.data functions traced as written, without autograph: they branch on Python values only, and converting their
