@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from serve import BundleError, Classifier
-from serve.bundle import CHECKSUM_METADATA_NAME, read_bundle_metadata, read_model_file
+from serve.bundle import CHECKSUM_METADATA_NAME, SMALL_BUNDLE_BYTES, read_bundle_metadata, read_model_file
 from serve.tflite_flatbuffer import read_model_metadata
 from tests.conftest import PIPELINE, ROOT, run_pipeline
 from train.data import FASHION_MNIST_CLASSES
@@ -388,6 +389,17 @@ def test_bundles_are_signed_and_a_changed_byte_is_refused(bundles, fmnist_images
     unsigned.write_bytes(bundles["int8"].read_bytes().replace(CHECKSUM_METADATA_NAME.encode(), b"edge_pipeline.sha000"))
     with pytest.raises(BundleError, match="no checksum"):
         Classifier(unsigned)
+
+
+def test_the_checksum_is_the_sha256_of_the_bundle_with_zeros_in_its_place(bundles):
+    # Small bundles are hashed by Python's own sha256, larger ones by OpenSSL's: both must write the format's.
+    sizes = {path.stat().st_size for path in bundles.values()}
+    assert min(sizes) <= SMALL_BUNDLE_BYTES < max(sizes)
+    for path in bundles.values():
+        model = path.read_bytes()
+        start, length = read_model_metadata(model)[CHECKSUM_METADATA_NAME]
+        zeroed = model[:start] + b"0" * length + model[start + length :]
+        assert model[start : start + length].decode() == hashlib.sha256(zeroed).hexdigest()
 
 
 # Finding 5: special files.
