@@ -119,7 +119,8 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     "--worker-timeout",
     default=120,
     show_default=True,
-    help="With --workers: seconds a stalled worker may hold up the others before the job stops.",
+    help="Seconds a stalled worker may hold up the others before the job stops (--workers) or goes on without "
+    "it (--min-workers).",
 )
 @click.option("--ssh-port", type=click.IntRange(1, 65535), help="With --workers: the ssh port of every host.")
 @click.option(

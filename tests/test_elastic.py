@@ -3,6 +3,7 @@ worker count, the options, and a real job on localhost that loses a worker mid-e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -144,21 +145,27 @@ class Lines(threading.Thread):
             time.sleep(0.05)
 
 
-def kill_mid_epoch(job: subprocess.Popen, output: Lines, runs_dir: Path, rank: int) -> float:
-    """SIGKILL the worker of `rank` a little into epoch 2 (of 225 steps: some commits made), let the job finish,
-    and return when the worker was killed. The job must end well: the survivor trains on."""
+def kill_mid_epoch(
+    job: subprocess.Popen, output: Lines, runs_dir: Path, rank: int, signal_number: int = signal.SIGKILL
+) -> float:
+    """Send the worker of `rank` SIGKILL (or `signal_number`) a little into epoch 2 (of 225 steps: some commits
+    made), let the job finish, and return when the signal was sent. The job must end well: the survivor trains on."""
+    pid = None
     try:
         assert output.first("Epoch 2/6", timeout=180), "\n".join(line for _, line in output.lines)
         time.sleep(2)
         pid = worker_pid(rank, str(runs_dir), timeout=5)
         assert pid is not None and job.poll() is None
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal_number)
         killed = time.time()
         code = job.wait(timeout=180)
         output.join(timeout=10)
         assert code == 0, "\n".join(line for _, line in output.lines[-40:])
     finally:
         job.kill()
+        if pid is not None and signal_number != signal.SIGKILL:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # a frozen worker the job did not end
     output.join(timeout=10)
     return killed
 
@@ -173,6 +180,22 @@ def elastic_train_args(folder: Path, name: str, hosts: tuple[str, str] = ("local
     elastic = ["--min-workers", "1", "--max-workers", "2", "--host-discovery-script", str(script)]
     small = ["--epochs", "6", "--batch-size", "8", "--set", "max_images_per_class=400", "--set", "commit_every=5"]
     return ["train", *elastic, "--network-interface", "lo", "--name", name, "--set", f"runs_dir={folder}", *small]
+
+
+@pytest.mark.slow
+def test_an_elastic_job_stops_a_frozen_worker_and_goes_on_without_it(tmp_path):
+    # Frozen, the worker would block the others' collectives, then their rendezvous, for good.
+    command = [*PIPELINE, *elastic_train_args(tmp_path, "frozen"), "--worker-timeout", "10"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Lines(job.stdout)
+    output.start()
+    frozen = kill_mid_epoch(job, output, tmp_path, rank=1, signal_number=signal.SIGSTOP)
+    text = "\n".join(line for _, line in output.lines)
+    stopped = output.first(" silent for ", timeout=0)
+    assert stopped is not None and 9 <= stopped - frozen < 20, text  # last heard up to 1 s before the stop
+    assert re.search(r"^worker on \S+ silent for 1\d s: stopped it, the others go on$", text, re.M), text
+    assert re.search(r"^worker on \S+ lost at epoch 2 batch \d+: continuing with 1 worker$", text, re.M), text
+    assert (tmp_path / "frozen" / "summary.json").is_file()
 
 
 @pytest.mark.slow

@@ -264,9 +264,16 @@ def run_elastic_workers(
         command[at : at + 2] = ["--host-discovery-script", discovery_script]
     command[at:at] = ["--min-np", str(min_workers), *(["--max-np", str(max_workers)] if max_workers else [])]
     command[at:at] = ["--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN)]
-    process = start_horovodrun(command, _job_env(timeout, gloo_timeout=timeout))
+    env = _job_env(timeout, gloo_timeout=timeout + 30)  # a frozen worker: stopped here first, see below
+    env[HEARTBEAT_VARIABLE] = "1"
+    process = start_horovodrun(command, env)
+    heard: dict[int, float] = {}  # worker -> time.monotonic() of its last line
+    threading.Thread(target=_stop_stalled_workers, args=(process, heard, timeout), daemon=True).start()
 
     def show(worker: int, stream: str, text: str) -> None:
+        heard[worker] = time.monotonic()
+        if text == HEARTBEAT:
+            return
         if stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
             print(text, flush=True)
         else:
@@ -276,6 +283,61 @@ def run_elastic_workers(
     code = process.wait()
     if code != 0:
         raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
+
+
+def _stop_stalled_workers(process: subprocess.Popen, heard: dict[int, float], timeout: int) -> None:
+    """In an elastic job: kill a worker silent for `timeout` seconds (frozen, or its host hung or cut off), so
+    that Horovod counts it lost and the others go on without it. Left alone, it would block their collectives,
+    and after Gloo's timeout their new rendezvous, which waits for every worker it knows of."""
+    while process.poll() is None:
+        time.sleep(1)
+        now = time.monotonic()
+        for worker, last in list(heard.items()):
+            if now - last < timeout:
+                continue
+            del heard[worker]  # its lines start the watch again, should it (or a new worker numbered so) speak
+            for host in _kill_worker(process.pid, worker):
+                print(
+                    f"worker on {host} silent for {now - last:.0f} s: stopped it, the others go on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+def _kill_worker(horovodrun: int, worker: int) -> list[str]:
+    """SIGKILL, among horovodrun's descendants, the shell that started worker `worker` (its first rank, the
+    number in front of its lines) and what it runs: the worker itself, or the ssh that reaches it. Returns the
+    hosts of the workers killed. Linux (/proc) only; elsewhere kills nothing."""
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc: not Linux
+        return []
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/stat") as file:
+                stat = file.read()
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # the field after the state, after the name
+            children.setdefault(parent, []).append(int(pid))
+
+    def subtree(pid: int) -> list[int]:
+        return [pid] + [below for child in children.get(pid, []) for below in subtree(child)]
+
+    hosts, killed = [], set()
+    for pid in subtree(horovodrun)[1:]:
+        if pid in killed:  # under a shell already killed: its ssh names the worker's rank too
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                command = file.read().replace(b"\0", b" ").decode(errors="replace")
+            if re.search(rf"(^|\s)HOROVOD_RANK={worker}(\s|$)", command):
+                for doomed in subtree(pid):
+                    killed.add(doomed)
+                    with contextlib.suppress(OSError):
+                        os.kill(doomed, signal.SIGKILL)
+                host = re.search(r"HOROVOD_HOSTNAME=(\S+)", command)
+                hosts.append(host[1] if host else "an unknown host")
+    return hosts
 
 
 def _elastic_failure(launcher_lines: list[str], worker_errors: dict[int, str], code: int) -> str:
