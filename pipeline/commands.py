@@ -405,16 +405,27 @@ def samples(count, out, data_path) -> None:
     metavar="KEY",
     help="Delete this cache (repeat for more; 'all' for every one). One in use is refused.",
 )
+@click.option(
+    "--older-than",
+    "older_than_days",
+    type=click.FloatRange(min=0),
+    metavar="DAYS",
+    help="Delete the caches not used for this many days (e.g. 30). One in use is kept, with a line saying so.",
+)
 @click.option("--cache-dir", help="The cache directory. Default: $PIPELINE_CACHE, else ~/.cache/edge-pipeline.")
-def cache(remove_keys, cache_dir) -> None:
+def cache(remove_keys, older_than_days, cache_dir) -> None:
     """List the data caches (each data set's decoded images, one per input size), or delete some.
 
     Nothing deletes a cache by itself: a data set that changed, or another input size, leaves the old one behind.
     """
-    from pipeline.jobs import list_data_caches, remove_data_caches
+    from pipeline.jobs import list_data_caches, remove_data_caches, remove_unused_data_caches
 
+    if remove_keys and older_than_days is not None:
+        raise click.UsageError("--remove and --older-than: give one of them")
     if remove_keys:
         remove_data_caches(remove_keys, cache_dir=cache_dir)
+    elif older_than_days is not None:
+        remove_unused_data_caches(older_than_days, cache_dir=cache_dir)
     else:
         list_data_caches(cache_dir=cache_dir)
 

@@ -7,6 +7,7 @@ TensorFlow only when called (after `tensorflow_env.prepare()`), so importing thi
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,6 +164,28 @@ def remove_data_caches(keys: Sequence[str], *, cache_dir: str | Path | None = No
         print(f"no data caches in {folder}")
     for entry in entries.values() if "all" in keys else [entries[key] for key in dict.fromkeys(keys)]:
         remove_cache(entry, folder)
+        print(f"removed {entry.path} ({_size(entry.size_bytes)})")
+
+
+def remove_unused_data_caches(days: float, *, cache_dir: str | Path | None = None) -> None:
+    """Delete the data caches under `cache_dir` (as list_data_caches) last used more than `days` days ago,
+    printing each; one that a process holds all the same (a long training run) is kept, with a line on stderr."""
+    import time
+
+    from train.cache import CacheError, list_caches, remove_cache
+    from train.data import cache_dir as default_cache_dir
+
+    folder = default_cache_dir({"cache_dir": cache_dir})
+    cutoff = time.time() - days * 24 * 3600
+    unused = [entry for entry in list_caches(folder) if entry.last_used < cutoff]
+    if not unused:
+        print(f"no data caches in {folder} unused for {days:g} days")
+    for entry in unused:
+        try:
+            remove_cache(entry, folder)
+        except CacheError:
+            print(f"kept {entry.path}: in use by another process", file=sys.stderr)
+            continue
         print(f"removed {entry.path} ({_size(entry.size_bytes)})")
 
 

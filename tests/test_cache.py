@@ -375,6 +375,31 @@ def test_pipeline_cache_lists_the_caches_and_removes_one_not_in_use(tmp_path, ca
     assert "no data caches in" in run_pipeline("cache", "--cache-dir", str(cache_dir)).stdout
 
 
+def test_pipeline_cache_older_than_removes_the_caches_unused_that_long_and_keeps_one_in_use(tmp_path):
+    root = make_image_folder(tmp_path / "shapes", per_class=4)
+    cache_dir = tmp_path / "cache"
+    for size in (24, 32, 40):
+        load_dataset(folder_config(root, cache_dir, input_size=size))
+    keys = {entry.input_shape[0]: entry.key for entry in cache.list_caches(cache_dir)}
+    long_ago = time.time() - 40 * 24 * 3600
+    for size in (24, 32):  # unused for 40 days: the cache and its lock file (dated at each use)
+        for path in (cache_dir / keys[size], cache_dir / f"{keys[size]}.lock"):
+            os.utime(path, (long_ago, long_ago))
+    fd = os.open(cache_dir / f"{keys[32]}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a training run that started long ago still holds it
+    try:
+        result = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "30")
+    finally:
+        os.close(fd)
+    assert result.stdout.startswith(f"removed {cache_dir / keys[24]} (") and result.stdout.count("\n") == 1
+    assert result.stderr == f"kept {cache_dir / keys[32]}: in use by another process\n"
+    assert not (cache_dir / keys[24]).exists() and (cache_dir / keys[32]).is_dir() and (cache_dir / keys[40]).is_dir()
+    again = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "50").stdout
+    assert again == f"no data caches in {cache_dir} unused for 50 days\n"
+    both = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "1", "--remove", "all", check=False)
+    assert both.returncode == 2 and "--remove and --older-than: give one of them" in both.stderr
+
+
 def test_cache_dir_setting_must_be_a_folder_name():
     assert load_config(None, {"cache_dir": "/tmp/c"})["cache_dir"] == "/tmp/c"
     for bad in (5, "", ["a"]):
