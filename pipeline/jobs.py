@@ -45,7 +45,7 @@ def quantize_run(
     from train.rundir import run_lock
 
     with run_lock(run, "quantizing"):
-        data = load_dataset(config)
+        data = load_dataset(config, train_in_memory="qat" in modes)  # QAT trains; the rest calibrates on a few
         held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
         quantize_data = QuantizeData(
             class_names=data.class_names,

@@ -460,6 +460,13 @@ def test_only_a_split_within_the_memory_limit_is_read_into_memory(view_and_refer
     assert isinstance(cache.in_memory_if_small(view, limit=4 * 24 * 24 * 3), cache.ImageView)
 
 
+def test_a_job_that_does_not_train_leaves_even_a_small_training_split_on_disk(tmp_path):
+    config = folder_config(make_image_folder(tmp_path / "shapes", per_class=4), tmp_path / "cache")
+    held, left = load_dataset(config), load_dataset(config, train_in_memory=False)
+    assert isinstance(held.train_x, np.ndarray) and isinstance(left.train_x, cache.ImageView)
+    assert np.array_equal(held.train_x, left.train_x[:])
+
+
 def test_image_view_reads_from_threads_and_forked_children_agree(view_and_reference):
     view, ref = view_and_reference
     failures = []

@@ -80,11 +80,13 @@ def cache_dir(config: dict) -> Path:
     return Path(where).expanduser()
 
 
-def load_dataset(config: dict) -> Dataset:
+def load_dataset(config: dict, *, train_in_memory: bool = True) -> Dataset:
     """The data a run's config names, split into train / val (/ test), seeded and stratified.
 
     The first run decodes the images into the cache; later runs find it by the source files' names, sizes and
-    mtimes, without reading them (`verify_data` reads them again)."""
+    mtimes, without reading them (`verify_data` reads them again). A small training split is read into memory
+    (`in_memory_if_small`) for training, which shuffles it every epoch; `train_in_memory=False` leaves it on
+    disk for a job that reads a few of its images (int8 calibration)."""
     size, channels, seed = int(config["input_size"]), int(config["channels"]), int(config["seed"])
     source = data_source(config)
     cache = open_cache(source, size, channels, cache_dir(config))
@@ -107,7 +109,7 @@ def load_dataset(config: dict) -> Dataset:
         test_x, test_y = test_x.subset(keep), test_y[keep]
     return Dataset(
         class_names=list(source.class_names),
-        train_x=in_memory_if_small(x.subset(train_idx)),
+        train_x=in_memory_if_small(x.subset(train_idx)) if train_in_memory else x.subset(train_idx),
         train_y=y[train_idx],
         val_x=x.subset(val_idx),
         val_y=y[val_idx],
