@@ -1,20 +1,30 @@
 """TensorFlow's environment, set in one place: Keras 2 (tf_keras) for tfmot and Horovod, quiet C++ logs.
 
-Entry points that load TensorFlow (the CLI's commands, the benchmarks, test scripts) call `prepare()` before
-their first TensorFlow import; importing a module of this project sets nothing by itself.
+Entry points that load TensorFlow (the CLI's commands, the benchmarks, test scripts) call `prepare()`, which
+imports it; importing a module of this project sets nothing by itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from serve.errors import PipelineError
+from serve.quiet import stderr_without
+
+# What TensorFlow 2.18 prints on import on a machine without CUDA, before absl's logging is set up (so
+# TF_CPP_MIN_LOG_LEVEL cannot hide it): its CUDA plugins saying they could not register.
+IMPORT_NOISE = re.compile(
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|E0000 [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] Unable to register cu\w+ factory: .*"
+)
 
 
 def prepare() -> None:
-    """Select Keras 2 for `tf.keras` and hide TensorFlow's C++ info lines ("failed call to cuInit" on CPU-only
-    machines). With Keras 3, Horovod's DistributedOptimizer trains without allreducing and tfmot refuses the
-    models, so a user's TF_USE_LEGACY_KERAS=0 is an error, not a preference."""
+    """Select Keras 2 for `tf.keras`, hide TensorFlow's C++ info lines ("failed call to cuInit" on CPU-only
+    machines), and import TensorFlow without its IMPORT_NOISE. With Keras 3, Horovod's DistributedOptimizer
+    trains without allreducing and tfmot refuses the models, so a user's TF_USE_LEGACY_KERAS=0 is an error,
+    not a preference."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ["TF_USE_LEGACY_KERAS"] != "1":
@@ -22,3 +32,5 @@ def prepare() -> None:
             f"TF_USE_LEGACY_KERAS={os.environ['TF_USE_LEGACY_KERAS']}: this pipeline needs Keras 2 (tf_keras); "
             "unset it or set it to 1"
         )
+    with stderr_without(IMPORT_NOISE.fullmatch):
+        import tensorflow  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import warnings
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from quantize.tflite_internals import (
     quantize_calibrated,
     softmax_in_float,
 )
+from serve.quiet import LITERT_INFO_LINE, stderr_without
 
 
 class Images(Protocol):
@@ -34,12 +36,30 @@ class Images(Protocol):
     def __getitem__(self, key) -> np.ndarray: ...
 
 
+# What TensorFlow's converter (and the interpreters int8's checks run) print on stderr at every conversion,
+# and tell a user nothing.
+CONVERTER_NOISE = re.compile(
+    re.escape(LITERT_INFO_LINE)
+    + rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[WI]0000 [\d:.]+ +\d+ (tf_tfl_flatbuffer_helpers|mlir_graph_optimization_pass)\.cc:\d+\] "
+    rb"(Ignored output_format\.|Ignored drop_control_dependency\.|MLIR V1 optimization pass is not enabled)"
+    rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"
+)
+
+
 def to_tflite(model, mode: str, calibration: Images | None = None) -> bytes:
     """Convert `model` (a QAT model for mode "qat"), which ends in a softmax. Integer modes take uint8 pixels,
     run int8 inside and return float32 scores (the softmax in float on the dequantized int8 logits: an int8
     softmax would give scores in steps of 1/256, and ties); `calibration` (uint8 images) sets the activation
     ranges. Post-training int8 that changes float's top-1 class on too many calibration images keeps its most
-    sensitive layers in float (see `post_training_int8`)."""
+    sensitive layers in float (see `post_training_int8`). The converter's CONVERTER_NOISE stays off stderr."""
+    with stderr_without(CONVERTER_NOISE.fullmatch), warnings.catch_warnings():
+        # Our uint8 input takes raw pixels: there are no input statistics to give.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        return _converted(model, mode, calibration)
+
+
+def _converted(model, mode: str, calibration: Images | None) -> bytes:
     if mode in QUANTIZED_MODES and (calibration is None or not len(calibration)):
         raise ValueError("integer quantisation needs calibration images")
     if mode == "int8":

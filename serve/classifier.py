@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -16,6 +14,7 @@ from ai_edge_litert.interpreter import Interpreter
 from serve.bundle import check_model, read_bundle_metadata, read_labels, read_model_file
 from serve.errors import BundleError, ImageError
 from serve.preprocess import ImageSource, pixels_in_chunks, to_pixels
+from serve.quiet import LITERT_INFO_LINE, stderr_without
 
 # label_image's defaults, used only for float models that carry no bundle metadata.
 LABEL_IMAGE_MEAN = 127.5
@@ -25,9 +24,6 @@ INPUT_DTYPES = (np.float32, np.uint8, np.int8)
 # batch whose activations outgrow the caches runs slower (EfficientNet-Lite0 at 224x224 int8: 2.0 ms an image
 # alone, 3.3 ms an image in batches of 32, and 0.2 s to plan the larger shape).
 BATCH_BYTES = 256 * 1024
-# LiteRT prints this on stderr the first time a process creates an interpreter; it is not news to anyone.
-LITERT_INFO_LINE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-_STDERR_LOCK = threading.Lock()
 
 
 class Prediction(NamedTuple):
@@ -72,7 +68,7 @@ class Classifier:
             model = read_model_file(self.model_path, verify_checksum=verify_checksum)
         self.metadata = read_bundle_metadata(self.model_path, model)
         try:
-            with _without_litert_info():
+            with stderr_without(LITERT_INFO_LINE.__eq__):
                 self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
@@ -271,39 +267,3 @@ class Classifier:
 
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-@contextlib.contextmanager
-def _without_litert_info() -> Iterator[None]:
-    """Run the block with file descriptor 2 going into a pipe, then pass on everything LiteRT wrote there
-    except LITERT_INFO_LINE: its errors still reach stderr. (A pipe and a thread that drains it, rather than
-    a temporary file: importing tempfile would cost `pipeline label` 3 ms.)"""
-    with _STDERR_LOCK:
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        try:
-            saved = os.dup(2)
-        except OSError:  # no stderr at all: nothing to filter
-            saved = None
-        if saved is None:
-            yield
-            return
-        read_end, write_end = os.pipe()
-        chunks: list[bytes] = []
-        drain = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 1 << 16), b"")))
-        drain.start()
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        try:
-            yield
-        finally:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            os.dup2(saved, 2)  # the pipe's last write end closes: the drain reads to its end
-            os.close(saved)
-            drain.join()
-            os.close(read_end)
-            lines = b"".join(chunks).splitlines(keepends=True)
-            rest = b"".join(line for line in lines if line.rstrip(b"\r\n") != LITERT_INFO_LINE)
-            while rest:
-                rest = rest[os.write(2, rest) :]

@@ -60,6 +60,7 @@ def test_gate_refuses_an_int8_model_over_budget_and_keeps_float(tmp_path, fmnist
     result = run_pipeline("quantize", str(run), "--budget", "0", "--calibration-images", "100", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "int8 lost more than 0.0 points" in result.stderr.splitlines()[-1]
+    assert result.stderr.count("\n") == 1, result.stderr  # the error alone: no TensorFlow or converter chatter
     assert "REJECTED" in result.stdout
     assert (run / "export" / "fmnist_float32.tflite").is_file()
     assert json.loads((run / "quantize_report.json").read_text())["rejected"] == ["int8"]

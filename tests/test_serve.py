@@ -493,11 +493,11 @@ def test_label_num_threads_below_one_is_a_usage_error(bundles, fmnist_images, va
 
 
 def test_litert_info_line_is_silenced_and_other_stderr_lines_pass(bundles, fmnist_images, capfd):
-    from serve.classifier import LITERT_INFO_LINE, _without_litert_info
+    from serve.quiet import LITERT_INFO_LINE, stderr_without
 
     result = run_label(fmnist_images[0], "-m", bundles["int8"])
     assert result.returncode == 0 and result.stderr == ""
-    with _without_litert_info():
+    with stderr_without(LITERT_INFO_LINE.__eq__):
         os.write(2, LITERT_INFO_LINE + b"\nERROR: something LiteRT had to say\n")
     err = capfd.readouterr().err
     assert err == "ERROR: something LiteRT had to say\n"

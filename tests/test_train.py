@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -117,6 +118,13 @@ def test_existing_run_is_not_overwritten(fmnist_run):
     result = run_pipeline("train", "--name", "fmnist", "--set", f"runs_dir={fmnist_run.parent}", check=False)
     assert result.returncode == 1 and "--resume" in result.stderr
     assert (fmnist_run / "metrics.json").read_bytes() == before
+
+
+def test_tensorflow_loads_without_its_cuda_plugin_lines_and_other_lines_still_pass():
+    script = "from pipeline.tensorflow_env import prepare; prepare(); import os; os.write(2, b'E0000 other\\n')"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TF_")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "E0000 other\n", result.stderr
 
 
 def test_private_keras_api_is_refused_on_an_unsupported_tf_keras(monkeypatch):
