@@ -76,8 +76,8 @@ class Progress(keras.callbacks.Callback):
 class CommitState(keras.callbacks.Callback):
     """Commits the state every `every` batches and at the epoch's end, but not after the last of the `steps`
     batches: a rollback to there (a lost worker in validation, a host joining at that commit) would resume an
-    epoch with no batch left, and its end -- validation, metrics row, checkpoint -- was not done yet. Horovod's
-    CommitStateCallback commits there too. Placed after Progress, so the epoch's end commits the next epoch."""
+    epoch with no batch left, and its end -- validation, metrics row, checkpoint -- was not done yet (Horovod's
+    CommitStateCallback does commit there). Placed after Progress, so the epoch's end commits the next epoch."""
 
     def __init__(self, state: TrainingState, every: int, steps: int) -> None:
         super().__init__()
