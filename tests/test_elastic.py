@@ -182,19 +182,34 @@ def elastic_train_args(folder: Path, name: str, hosts: tuple[str, str] = ("local
     return ["train", *elastic, "--network-interface", "lo", "--name", name, "--set", f"runs_dir={folder}", *small]
 
 
-@pytest.mark.slow
-def test_an_elastic_job_stops_a_frozen_worker_and_goes_on_without_it(tmp_path):
-    # Frozen, the worker would block the others' collectives, then their rendezvous, for good.
-    command = [*PIPELINE, *elastic_train_args(tmp_path, "frozen"), "--worker-timeout", "10"]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def freeze_a_worker_and_check_the_job_goes_on(command: list[str], runs_dir: Path, env: dict | None = None) -> None:
+    """Run an elastic job (`command`, with --worker-timeout 10), SIGSTOP its rank-1 worker in epoch 2 and check
+    the launcher stopped it and the job went on without it. Frozen, the worker would block the others'
+    collectives, then their rendezvous, for good."""
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = Lines(job.stdout)
     output.start()
-    frozen = kill_mid_epoch(job, output, tmp_path, rank=1, signal_number=signal.SIGSTOP)
+    frozen = kill_mid_epoch(job, output, runs_dir, rank=1, signal_number=signal.SIGSTOP)
     text = "\n".join(line for _, line in output.lines)
     stopped = output.first(" silent for ", timeout=0)
     assert stopped is not None and 9 <= stopped - frozen < 20, text  # last heard up to 1 s before the stop
     assert re.search(r"^worker on \S+ silent for 1\d s: stopped it, the others go on$", text, re.M), text
     assert re.search(r"^worker on \S+ lost at epoch 2 batch \d+: continuing with 1 worker$", text, re.M), text
+
+
+@pytest.mark.slow
+def test_an_elastic_job_stops_a_frozen_worker_and_goes_on_without_it(tmp_path):
+    freeze_a_worker_and_check_the_job_goes_on(
+        [*PIPELINE, *elastic_train_args(tmp_path, "frozen"), "--worker-timeout", "10"], tmp_path
+    )
+    assert (tmp_path / "frozen" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_an_elastic_job_over_ssh_stops_a_frozen_remote_worker_and_goes_on(tmp_path, ssh_hosts):
+    # The launcher can end only the ssh connection: Horovod counts that worker lost (the frozen process stays).
+    args = [*elastic_train_args(tmp_path, "frozen", ssh_hosts.addresses), "--worker-timeout", "10"]
+    freeze_a_worker_and_check_the_job_goes_on([*PIPELINE, *args, *ssh_hosts.ssh_options()], tmp_path, ssh_hosts.env())
     assert (tmp_path / "frozen" / "summary.json").is_file()
 
 
