@@ -192,7 +192,7 @@ def freeze_a_worker_and_check_the_job_goes_on(command: list[str], runs_dir: Path
     frozen = kill_mid_epoch(job, output, runs_dir, rank=1, signal_number=signal.SIGSTOP)
     text = "\n".join(line for _, line in output.lines)
     stopped = output.first(" silent for ", timeout=0)
-    assert stopped is not None and 9 <= stopped - frozen < 20, text  # last heard up to 1 s before the stop
+    assert stopped is not None and 7 <= stopped - frozen < 20, text  # its last heartbeat came before the stop
     assert re.search(r"^worker on \S+ silent for 1\d s: stopped it, the others go on$", text, re.M), text
     assert re.search(r"^worker on \S+ lost at epoch 2 batch \d+: continuing with 1 worker$", text, re.M), text
 
