@@ -98,7 +98,6 @@ def run_workers(
     ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
 
     def show(rank: int, stream: str, text: str) -> None:
-        heard[rank] = time.monotonic()
         if text == HEARTBEAT:
             return
         if stream == "stderr" and SSH_MESSAGE.match(text):
@@ -108,7 +107,7 @@ def run_workers(
         else:
             print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
 
-    launcher_lines, worker_errors = _relay(process, show)
+    launcher_lines, worker_errors = _relay(process, show, heard)
     worker_errors = {**ssh_errors, **worker_errors}
     code = process.wait()
     if stalled:
@@ -129,10 +128,13 @@ def _job_env(timeout: int, gloo_timeout: int) -> dict[str, str]:
     )
 
 
-def _relay(process: subprocess.Popen, show: Callable[[int, str, str], None]) -> tuple[list[str], dict[int, str]]:
+def _relay(
+    process: subprocess.Popen, show: Callable[[int, str, str], None], heard: dict[int, float]
+) -> tuple[list[str], dict[int, str]]:
     """Read horovodrun's output to its end: each worker line ("[N]<stream>:text") goes to show(N, stream, text),
     except a worker's "Error: ..." line, kept to explain a failure (raised once, by the launcher, rather than once
-    per worker). Returns (horovodrun's own lines, the first error of each worker)."""
+    per worker); every one sets heard[N] to its time, for the stall watch. Returns (horovodrun's own lines, the
+    first error of each worker)."""
     launcher_lines, worker_errors = [], {}
     for line in process.stdout:
         line = line.rstrip("\n")
@@ -141,6 +143,7 @@ def _relay(process: subprocess.Popen, show: Callable[[int, str, str], None]) -> 
             launcher_lines.append(line)
             continue
         worker, stream, text = int(match[1]), match[2], match[3]
+        heard[worker] = time.monotonic()
         if text.startswith("Error: "):
             worker_errors.setdefault(worker, text[len("Error: ") :])
         else:
@@ -271,7 +274,6 @@ def run_elastic_workers(
     threading.Thread(target=_stop_stalled_workers, args=(process, heard, timeout), daemon=True).start()
 
     def show(worker: int, stream: str, text: str) -> None:
-        heard[worker] = time.monotonic()
         if text == HEARTBEAT:
             return
         if stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
@@ -279,7 +281,7 @@ def run_elastic_workers(
         else:
             print(f"[worker {worker}] {text}", file=sys.stderr, flush=True)
 
-    launcher_lines, worker_errors = _relay(process, show)
+    launcher_lines, worker_errors = _relay(process, show, heard)
     code = process.wait()
     if code != 0:
         raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
