@@ -88,12 +88,21 @@ def run_workers(
     placement = rank_hosts(hosts, workers)
     # The Gloo timeout is a backstop: a frozen worker also blocks Gloo, whose timeout would end the job naming no rank.
     env = _job_env(timeout, gloo_timeout=timeout + 30)
-    env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see _stop_stalled
+    env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see stop_job
     command = horovodrun_command(workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
     process = start_horovodrun(command, env)
     heard: dict[int, float] = {}  # rank -> time.monotonic() of its last line
     stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
-    threading.Thread(target=_stop_stalled, args=(process, heard, timeout, stalled), daemon=True).start()
+
+    def stop_job(rank: int, seconds: float) -> bool:
+        # A worker silent that long is stopped, frozen or cut off. Horovod cannot tell: a frozen worker blocks its
+        # coordination too, until Gloo times out and the job fails naming no rank. horovodrun, on SIGTERM, stops
+        # every worker.
+        stalled[rank] = seconds
+        process.terminate()
+        return False
+
+    threading.Thread(target=_watch_silence, args=(process, heard, timeout, stop_job), daemon=True).start()
 
     ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
 
@@ -151,18 +160,20 @@ def _relay(
     return launcher_lines, worker_errors
 
 
-def _stop_stalled(process: subprocess.Popen, heard: dict[int, float], timeout: int, stalled: dict[int, float]) -> None:
-    """Stop the job once a worker has been silent for `timeout` seconds: stopped, frozen or cut off. (Horovod
-    cannot tell: a frozen worker blocks its coordination too, until Gloo times out and the job fails naming no
-    rank.) horovodrun, on SIGTERM, stops every worker."""
+def _watch_silence(
+    process: subprocess.Popen, heard: dict[int, float], timeout: int, on_silent: Callable[[int, float], bool]
+) -> None:
+    """While the job runs, once a second: on_silent(worker, seconds) for each worker whose last line (`heard`) is
+    `timeout` seconds old or more, its entry dropped (a next line starts its watch again); the watch ends when
+    on_silent returns False."""
     while process.poll() is None:
         time.sleep(1)
         now = time.monotonic()
-        for rank, last in list(heard.items()):
+        for worker, last in list(heard.items()):
             if now - last >= timeout:
-                stalled[rank] = now - last
-                process.terminate()
-                return
+                del heard[worker]
+                if not on_silent(worker, now - last):
+                    return
 
 
 def start_horovodrun(command: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -271,7 +282,20 @@ def run_elastic_workers(
     env[HEARTBEAT_VARIABLE] = "1"
     process = start_horovodrun(command, env)
     heard: dict[int, float] = {}  # worker -> time.monotonic() of its last line
-    threading.Thread(target=_stop_stalled_workers, args=(process, heard, timeout), daemon=True).start()
+
+    def stop_worker(worker: int, seconds: float) -> bool:
+        # Frozen, or its host hung or cut off: killed, Horovod counts it lost and the others go on without it.
+        # Left alone, it would block their collectives, and after Gloo's timeout their new rendezvous, which waits
+        # for every worker it knows of.
+        for host in _kill_worker(process.pid, worker):
+            print(
+                f"worker on {host} silent for {seconds:.0f} s: stopped it, the others go on",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
+
+    threading.Thread(target=_watch_silence, args=(process, heard, timeout, stop_worker), daemon=True).start()
 
     def show(worker: int, stream: str, text: str) -> None:
         if text == HEARTBEAT:
@@ -285,25 +309,6 @@ def run_elastic_workers(
     code = process.wait()
     if code != 0:
         raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
-
-
-def _stop_stalled_workers(process: subprocess.Popen, heard: dict[int, float], timeout: int) -> None:
-    """In an elastic job: kill a worker silent for `timeout` seconds (frozen, or its host hung or cut off), so
-    that Horovod counts it lost and the others go on without it. Left alone, it would block their collectives,
-    and after Gloo's timeout their new rendezvous, which waits for every worker it knows of."""
-    while process.poll() is None:
-        time.sleep(1)
-        now = time.monotonic()
-        for worker, last in list(heard.items()):
-            if now - last < timeout:
-                continue
-            del heard[worker]  # its lines start the watch again, should it (or a new worker numbered so) speak
-            for host in _kill_worker(process.pid, worker):
-                print(
-                    f"worker on {host} silent for {now - last:.0f} s: stopped it, the others go on",
-                    file=sys.stderr,
-                    flush=True,
-                )
 
 
 def _kill_worker(horovodrun: int, worker: int) -> list[str]:
