@@ -10,13 +10,12 @@ import os
 import re
 
 from serve.errors import PipelineError
-from serve.quiet import stderr_without
+from serve.quiet import ABSL_UNINITIALIZED_LINE, stderr_without
 
 # What TensorFlow 2.18 prints on import on a machine without CUDA, before absl's logging is set up (so
 # TF_CPP_MIN_LOG_LEVEL cannot hide it): its CUDA plugins saying they could not register.
 IMPORT_NOISE = re.compile(
-    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    rb"|E0000 [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] Unable to register cu\w+ factory: .*"
+    re.escape(ABSL_UNINITIALIZED_LINE) + rb"|E0000 [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] Unable to register cu\w+ factory: .*"
 )
 
 

@@ -22,7 +22,7 @@ from quantize.tflite_internals import (
     quantize_calibrated,
     softmax_in_float,
 )
-from serve.quiet import LITERT_INFO_LINE, stderr_without
+from serve.quiet import ABSL_UNINITIALIZED_LINE, LITERT_INFO_LINE, stderr_without
 
 
 class Images(Protocol):
@@ -40,8 +40,9 @@ class Images(Protocol):
 # and tell a user nothing.
 CONVERTER_NOISE = re.compile(
     re.escape(LITERT_INFO_LINE)
-    + rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    rb"|[WI]0000 [\d:.]+ +\d+ (tf_tfl_flatbuffer_helpers|mlir_graph_optimization_pass)\.cc:\d+\] "
+    + rb"|"
+    + re.escape(ABSL_UNINITIALIZED_LINE)
+    + rb"|[WI]0000 [\d:.]+ +\d+ (tf_tfl_flatbuffer_helpers|mlir_graph_optimization_pass)\.cc:\d+\] "
     rb"(Ignored output_format\.|Ignored drop_control_dependency\.|MLIR V1 optimization pass is not enabled)"
     rb"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"
 )

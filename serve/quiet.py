@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 
 # LiteRT prints this on stderr the first time a process creates an interpreter; it is not news to anyone.
 LITERT_INFO_LINE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+# What a C++ library built on absl prints before its first log line when nobody set absl's logging up.
+ABSL_UNINITIALIZED_LINE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _STDERR_LOCK = threading.RLock()  # nested: the inner block's lines pass through the outer's filter too
 
 
