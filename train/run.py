@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import math
@@ -22,6 +21,7 @@ from train import distributed
 from train.data import Dataset, load_dataset
 from train.keras_internals import dropout_generators
 from train.models import NORMALIZATION, build_model
+from train.plots import plot_confusion, plot_curves
 from train.rundir import (
     CHECKPOINT_PREFIX,
     check_resume,
@@ -243,24 +243,17 @@ def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config
 @contextlib.contextmanager
 def _curves_on_failure(run: Path, history):
     """Plot the curves of the epochs done (`history()`'s rows) when training stops early: Ctrl-C, a lost job, an
-    error. A run that ends well plots them in `_finish`, once: per epoch they would cost more than the metrics."""
+    error. A run that ends well plots them in `_finish`, once: per epoch they would cost as much as the metrics and
+    the checkpoint together."""
     try:
         yield
     except BaseException:
         if history():
-            _plot_curves(history(), run / "curves.png")
+            plot_curves(history(), run / "curves.png")
         raise
 
 
-def _plot_curves(history: list[dict], path: Path) -> None:
-    from train.plots import plot_curves  # matplotlib takes ~0.2 s to import: only when a plot is drawn
-
-    plot_curves(history, path)
-
-
 def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: Path) -> None:
-    from train.plots import plot_confusion  # matplotlib: see _plot_curves
-
     matrix = np.zeros((len(class_names),) * 2, dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
     plot_confusion(matrix, class_names, run / "confusion_matrix.png", title)
@@ -456,8 +449,8 @@ class RunWriter(keras.callbacks.Callback):
     """After each epoch: metrics, then the checkpoint (last, so that a checkpoint's existence implies everything
     before it was written), in ~1% of an epoch. Two costlier things wait until training ends (`_finish`):
     best.keras (`model.save` costs ~3x a checkpoint; until then the best epoch's checkpoint holds the best model,
-    kept however many newer ones there are, so a resumed run still has it) and the curves (matplotlib takes longer
-    than all the rest; `_curves_on_failure` draws them when training stops early)."""
+    kept however many newer ones there are, so a resumed run still has it) and the curves (~30 ms, as long as all the
+    rest; `_curves_on_failure` draws them when training stops early)."""
 
     def __init__(
         self,
@@ -554,23 +547,18 @@ def _finish(
     """Save the best model, evaluate it on validation (and test) data, plot the curves and its confusion matrix,
     write summary.json. `model` holds the weights of the last epoch in `history`."""
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # matplotlib's import and the plots take ~0.45 s of one core: in a thread, they overlap Keras' predictions,
-        # which wait on TensorFlow without holding the GIL.
-        plots = [pool.submit(_plot_curves, history, run / "curves.png")]
-        best = _best_row(history)
-        if best is not history[-1]:
-            model = _best_model(run, config, best["epoch"], len(data.class_names))
-        classes = _class_model(model)  # one for both splits: Keras traces its predict function once
-        val_pred = _predicted_classes(classes, data.val_x)
-        val_accuracy = float(np.mean(val_pred == data.val_y))
-        title = f"validation, epoch {best['epoch']}: accuracy {val_accuracy:.4f}"
-        plots.append(pool.submit(_plot_confusion, data.class_names, data.val_y, val_pred, title, run))
-        test_pred = _predicted_classes(classes, data.test_x) if data.test_y is not None else None
-        with atomic_path(run / "best.keras") as tmp:
-            model.save(tmp)
-        for plot in plots:
-            plot.result()
+    plot_curves(history, run / "curves.png")
+    best = _best_row(history)
+    if best is not history[-1]:
+        model = _best_model(run, config, best["epoch"], len(data.class_names))
+    classes = _class_model(model)  # one for both splits: Keras traces its predict function once
+    val_pred = _predicted_classes(classes, data.val_x)
+    val_accuracy = float(np.mean(val_pred == data.val_y))
+    title = f"validation, epoch {best['epoch']}: accuracy {val_accuracy:.4f}"
+    _plot_confusion(data.class_names, data.val_y, val_pred, title, run)
+    test_pred = _predicted_classes(classes, data.test_x) if data.test_y is not None else None
+    with atomic_path(run / "best.keras") as tmp:
+        model.save(tmp)
     seconds["evaluation"] = time.perf_counter() - started
     summary = {
         "best_epoch": best["epoch"],
