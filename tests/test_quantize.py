@@ -292,6 +292,7 @@ def test_standard_metadata_reads_back_and_is_signed_last(bundles):
     assert b"PK\x05\x06" not in ours_only[-64:]  # no zip left at the end
 
 
+@pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")  # reading a tensor inside, on purpose
 def test_int8_scores_are_a_float_softmax_of_the_int8_logits(bundles, fmnist_images):
     """The int8 bundle runs int8 inside but its softmax in float32: scores that are not in steps of 1/256 and do not
     tie where the logits differ, still what serve, MediaPipe and the browser read as the output."""
