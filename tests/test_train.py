@@ -59,6 +59,12 @@ def test_bad_data_folders_are_clear_errors(tmp_path):
     (root / "zebras" / "readme.txt").write_text("no pictures yet")
     with pytest.raises(DataError, match="class 'zebras' has no images"):
         load_dataset(folder_config(root))
+    # A class name becomes a line of every bundle's labels.txt: a line break would shift every label after it.
+    root = make_image_folder(tmp_path / "broken_names", per_class=4)
+    (root / "blue_stripes").rename(root / "blue\nstripes")
+    with pytest.raises(DataError, match=r"'blue\\nstripes' has a line break in its name: rename it") as caught:
+        load_dataset(folder_config(root))
+    assert "\n" not in str(caught.value)
 
 
 def test_config_layers_and_rejects_unknown_settings(tmp_path):

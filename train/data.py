@@ -254,6 +254,8 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[list[Path]]]:
     if not class_dirs or not any(files):
         raise DataError(f"{root}: no images found (want one sub-folder of images per class)")
     for class_dir, paths in zip(class_dirs, files):
+        if len(class_dir.name.splitlines()) != 1:  # labels.txt, in every bundle, holds one class name a line
+            raise DataError(f"{root}: the class folder {class_dir.name!r} has a line break in its name: rename it")
         if not paths:
             raise DataError(f"{class_dir}: class '{class_dir.name}' has no images")
     if len(class_dirs) < 2:
