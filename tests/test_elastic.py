@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,6 +144,75 @@ class Lines(threading.Thread):
             if found or time.time() > deadline:
                 return found[0] if found else None
             time.sleep(0.05)
+
+
+def test_two_live_workers_that_started_with_the_same_rank_are_watched_apart():
+    """After a loss and a join, two live workers can carry the same number in front of their lines (the rank each
+    started with) on different hosts: the one that falls silent is found, not hidden by the other's heartbeats."""
+    from train.launch import HEARTBEAT, _relay, _watch_silence
+
+    # horovodrun's output as it relays two workers that both started as rank 2: hostC beats throughout, hostD twice.
+    script = (
+        "import sys, time\n"
+        "for beat in range(25):\n"
+        f"    print('[2]<stderr>:{HEARTBEAT} on hostC', flush=True)\n"
+        f"    if beat < 2: print('[2]<stderr>:{HEARTBEAT} on hostD', flush=True)\n"
+        "    time.sleep(0.2)\n"
+    )
+    horovodrun = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    heard: dict = {}
+    silent: list = []
+    watch = threading.Thread(target=_watch_silence, args=(horovodrun, heard, 2, lambda *a: silent.append(a) or True))
+    watch.start()
+    shown: list = []
+    _relay(horovodrun, lambda *line: shown.append(line), heard)
+    horovodrun.wait()
+    watch.join()
+    assert [worker for worker, _ in silent] == [(2, "hostD")]  # hostC's beats never stopped
+    assert shown == []  # heartbeats are the launcher's own
+
+
+def test_a_silent_worker_is_stopped_on_its_own_host_only(tmp_path):
+    """_kill_worker ends the shell horovodrun started for (rank, host) and what it runs, not the same rank's
+    shell for another host."""
+    from train.launch import _kill_worker
+
+    # Two shells as horovodrun starts them (its environment on the command line), each running a worker stand-in.
+    shell = "HOROVOD_HOSTNAME={} HOROVOD_RANK=2 sleep 60; :"
+    starter = (
+        "import subprocess, sys, time\n"
+        f"for host in ('hostC', 'hostD'): subprocess.Popen(['/bin/sh', '-c', {shell!r}.format(host)])\n"
+        "time.sleep(60)\n"
+    )
+    horovodrun = subprocess.Popen([sys.executable, "-c", starter])
+    try:
+        deadline = time.time() + 30
+        while len(shells := _shells_under(horovodrun.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert _kill_worker(horovodrun.pid, 2, "hostD") == ["hostD"]
+        time.sleep(0.5)
+        alive = _shells_under(horovodrun.pid)
+        assert [host for host, _ in alive] == ["hostC"] and len(shells) == 2
+        assert _kill_worker(horovodrun.pid, 3, "hostC") == []  # no worker started as rank 3
+    finally:
+        horovodrun.kill()
+        for _, pid in _shells_under(horovodrun.pid):
+            os.kill(pid, signal.SIGKILL)
+        horovodrun.wait()
+
+
+def _shells_under(parent: int) -> list[tuple[str, int]]:
+    """(host, pid) of each live worker-stand-in shell started by `parent`, by host."""
+    shells = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found = re.search(r"HOROVOD_HOSTNAME=(\w+)", command)
+            if int(fields[1]) == parent and fields[0] != "Z" and found:
+                shells.append((found[1], pid))
+    return sorted(shells)
 
 
 def kill_mid_epoch(

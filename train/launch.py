@@ -24,9 +24,12 @@ SSH_MESSAGE = re.compile(
     r"^(ssh: |Permission denied|Host key verification failed|kex_exchange_identification|Connection (closed|reset))"
 )
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Under `pipeline train --workers` each worker prints this line to stderr every second; the launcher keeps it to itself.
+# Under the launchers each worker prints "<HEARTBEAT> on <its host>" to stderr every second; the launcher keeps it to
+# itself. With the number horovodrun puts in front of the line (the worker's rank when it started) it names the worker:
+# in an elastic job two live workers can have started with the same rank, on different hosts.
 HEARTBEAT_VARIABLE = "PIPELINE_HEARTBEAT"
 HEARTBEAT = "pipeline: worker alive"
+HEARTBEAT_LINE = re.compile(rf"^{re.escape(HEARTBEAT)} on (\S+)$")
 
 
 def rank_hosts(hosts: str, workers: int) -> list[str]:
@@ -91,14 +94,14 @@ def run_workers(
     env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see stop_job
     command = horovodrun_command(workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
     process = start_horovodrun(command, env)
-    heard: dict[int, float] = {}  # rank -> time.monotonic() of its last line
+    heard: dict[tuple[int, str], float] = {}  # (rank, host) -> time.monotonic() of its last heartbeat
     stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
 
-    def stop_job(rank: int, seconds: float) -> bool:
+    def stop_job(worker: tuple[int, str], seconds: float) -> bool:
         # A worker silent that long is stopped, frozen or cut off. Horovod cannot tell: a frozen worker blocks its
         # coordination too, until Gloo times out and the job fails naming no rank. horovodrun, on SIGTERM, stops
         # every worker.
-        stalled[rank] = seconds
+        stalled[worker[0]] = seconds
         process.terminate()
         return False
 
@@ -107,8 +110,6 @@ def run_workers(
     ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
 
     def show(rank: int, stream: str, text: str) -> None:
-        if text == HEARTBEAT:
-            return
         if stream == "stderr" and SSH_MESSAGE.match(text):
             ssh_errors.setdefault(rank, text)
         elif rank == 0:
@@ -138,12 +139,12 @@ def _job_env(timeout: int, gloo_timeout: int) -> dict[str, str]:
 
 
 def _relay(
-    process: subprocess.Popen, show: Callable[[int, str, str], None], heard: dict[int, float]
+    process: subprocess.Popen, show: Callable[[int, str, str], None], heard: dict[tuple[int, str], float]
 ) -> tuple[list[str], dict[int, str]]:
     """Read horovodrun's output to its end: each worker line ("[N]<stream>:text") goes to show(N, stream, text),
-    except a worker's "Error: ..." line, kept to explain a failure (raised once, by the launcher, rather than once
-    per worker); every one sets heard[N] to its time, for the stall watch. Returns (horovodrun's own lines, the
-    first error of each worker)."""
+    except a heartbeat, which sets heard[(N, its host)] to its time for the stall watch, and a worker's
+    "Error: ..." line, kept to explain a failure (raised once, by the launcher, rather than once per worker).
+    Returns (horovodrun's own lines, the first error of each worker)."""
     launcher_lines, worker_errors = [], {}
     for line in process.stdout:
         line = line.rstrip("\n")
@@ -152,8 +153,10 @@ def _relay(
             launcher_lines.append(line)
             continue
         worker, stream, text = int(match[1]), match[2], match[3]
-        heard[worker] = time.monotonic()
-        if text.startswith("Error: "):
+        beat = HEARTBEAT_LINE.match(text)
+        if beat:
+            heard[(worker, beat[1])] = time.monotonic()
+        elif text.startswith("Error: "):
             worker_errors.setdefault(worker, text[len("Error: ") :])
         else:
             show(worker, stream, text)
@@ -161,11 +164,14 @@ def _relay(
 
 
 def _watch_silence(
-    process: subprocess.Popen, heard: dict[int, float], timeout: int, on_silent: Callable[[int, float], bool]
+    process: subprocess.Popen,
+    heard: dict[tuple[int, str], float],
+    timeout: int,
+    on_silent: Callable[[tuple[int, str], float], bool],
 ) -> None:
-    """While the job runs, once a second: on_silent(worker, seconds) for each worker whose last line (`heard`) is
-    `timeout` seconds old or more, its entry dropped (a next line starts its watch again); the watch ends when
-    on_silent returns False."""
+    """While the job runs, once a second: on_silent((N, host), seconds) for each worker whose last heartbeat
+    (`heard`) is `timeout` seconds old or more, its entry dropped (a next heartbeat starts its watch again); the
+    watch ends when on_silent returns False."""
     while process.poll() is None:
         time.sleep(1)
         now = time.monotonic()
@@ -205,6 +211,7 @@ def watch_over_worker() -> None:
     worker there would train on, orphaned; its output pipe losing its reader (POLLERR; POLLHUP for a socket) is
     the sign. The heartbeat lets the launcher tell a stalled worker from a quiet one."""
     heartbeat = os.environ.get(HEARTBEAT_VARIABLE) == "1"
+    beat = f"{HEARTBEAT} on {os.environ.get('HOROVOD_HOSTNAME', 'localhost')}\n".encode()
 
     def watch() -> None:
         poller = select.poll()
@@ -212,7 +219,7 @@ def watch_over_worker() -> None:
         with contextlib.suppress(OSError):
             while not poller.poll(1000):
                 if heartbeat:
-                    os.write(sys.stderr.fileno(), f"{HEARTBEAT}\n".encode())  # one write: never inside a line
+                    os.write(sys.stderr.fileno(), beat)  # one write: never inside another line
         os._exit(1)
 
     threading.Thread(target=watch, name="watch-over-worker", daemon=True).start()
@@ -281,13 +288,13 @@ def run_elastic_workers(
     env = _job_env(timeout, gloo_timeout=timeout + 30)  # a frozen worker: stopped here first, see below
     env[HEARTBEAT_VARIABLE] = "1"
     process = start_horovodrun(command, env)
-    heard: dict[int, float] = {}  # worker -> time.monotonic() of its last line
+    heard: dict[tuple[int, str], float] = {}  # (first rank, host) -> time.monotonic() of its last heartbeat
 
-    def stop_worker(worker: int, seconds: float) -> bool:
+    def stop_worker(worker: tuple[int, str], seconds: float) -> bool:
         # Frozen, or its host hung or cut off: killed, Horovod counts it lost and the others go on without it.
         # Left alone, it would block their collectives, and after Gloo's timeout their new rendezvous, which waits
         # for every worker it knows of.
-        for host in _kill_worker(process.pid, worker):
+        for host in _kill_worker(process.pid, *worker):
             print(
                 f"worker on {host} silent for {seconds:.0f} s: stopped it, the others go on",
                 file=sys.stderr,
@@ -298,8 +305,6 @@ def run_elastic_workers(
     threading.Thread(target=_watch_silence, args=(process, heard, timeout, stop_worker), daemon=True).start()
 
     def show(worker: int, stream: str, text: str) -> None:
-        if text == HEARTBEAT:
-            return
         if stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
             print(text, flush=True)
         else:
@@ -311,10 +316,10 @@ def run_elastic_workers(
         raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
 
 
-def _kill_worker(horovodrun: int, worker: int) -> list[str]:
+def _kill_worker(horovodrun: int, worker: int, host: str) -> list[str]:
     """SIGKILL, among horovodrun's descendants, the shell that started worker `worker` (its first rank, the
-    number in front of its lines) and what it runs: the worker itself, or the ssh that reaches it. Returns the
-    hosts of the workers killed. Linux (/proc) only; elsewhere kills nothing."""
+    number in front of its lines) on `host`, and what it runs: the worker itself, or the ssh that reaches it.
+    Returns the hosts of the workers killed. Linux (/proc) only; elsewhere kills nothing."""
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:  # no /proc: not Linux
@@ -337,13 +342,14 @@ def _kill_worker(horovodrun: int, worker: int) -> list[str]:
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 command = file.read().replace(b"\0", b" ").decode(errors="replace")
-            if re.search(rf"(^|\s)HOROVOD_RANK={worker}(\s|$)", command):
+            if re.search(rf"(^|\s)HOROVOD_RANK={worker}(\s|$)", command) and re.search(
+                rf"(^|\s)HOROVOD_HOSTNAME={re.escape(host)}(\s|$)", command
+            ):
                 for doomed in subtree(pid):
                     killed.add(doomed)
                     with contextlib.suppress(OSError):
                         os.kill(doomed, signal.SIGKILL)
-                host = re.search(r"HOROVOD_HOSTNAME=(\S+)", command)
-                hosts.append(host[1] if host else "an unknown host")
+                hosts.append(host)
     return hosts
 
 
