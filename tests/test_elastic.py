@@ -172,7 +172,7 @@ def test_two_live_workers_that_started_with_the_same_rank_are_watched_apart():
     assert shown == []  # heartbeats are the launcher's own
 
 
-def test_a_silent_worker_is_stopped_on_its_own_host_only(tmp_path):
+def test_a_silent_worker_is_stopped_on_its_own_host_only():
     """_kill_worker ends the shell horovodrun started for (rank, host) and what it runs, not the same rank's
     shell for another host."""
     from train.launch import _kill_worker

@@ -170,9 +170,9 @@ def nice_ticks(low: float, high: float, most: int = 7, integers: bool = False) -
     apart (whole numbers, without 2.5, for `integers`): where a reader expects an axis's marks."""
     raw = (high - low) / most
     power = 10 ** math.floor(math.log10(raw))
-    steps = (1, 2, 5, 10) if integers else (1, 2, 2.5, 5, 10)
+    steps = (1, 2, 2.5, 5, 10)
     if integers:
-        power = max(power, 1)
+        steps, power = (1, 2, 5, 10), max(power, 1)
     step = next(m * power for m in steps if m * power >= raw * (1 - 1e-9))
     start = math.ceil(low / step - 1e-9)
     return [i * step for i in range(start, math.floor(high / step + 1e-9) + 1)]
