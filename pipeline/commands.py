@@ -409,6 +409,7 @@ def samples(count, out, data_path) -> None:
     "--older-than",
     "older_than_days",
     type=click.FloatRange(min=0),
+    callback=_finite,
     metavar="DAYS",
     help="Delete the caches not used for this many days (e.g. 30). One in use is kept, with a line saying so.",
 )

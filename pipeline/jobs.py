@@ -128,15 +128,15 @@ def list_data_caches(*, cache_dir: str | Path | None = None) -> list:
     recently used first, as a table; return them (train.cache.CacheEntry)."""
     import time
 
-    from train.cache import list_caches
+    from train.cache import list_caches, shown
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})
     entries = list_caches(folder)
     if not entries:
-        print(f"no data caches in {folder}")
+        print(f"no data caches in {shown(folder)}")
         return entries
-    print(f"data caches in {folder}:")
+    print(f"data caches in {shown(folder)}:")
     print(f"{'key':24}  {'input':>9}  {'images':>9}  {'on disk':>10}  {'last used':16}  source")
     for entry in entries:
         shape = "x".join(map(str, entry.input_shape)) if entry.input_shape else "-"
@@ -151,42 +151,44 @@ def list_data_caches(*, cache_dir: str | Path | None = None) -> list:
 
 def remove_data_caches(keys: Sequence[str], *, cache_dir: str | Path | None = None) -> None:
     """Delete the data caches `keys` ("all": every one) under `cache_dir` (as list_data_caches), printing each.
-    PipelineError for a key that is not there, before anything is deleted, or for a cache in use."""
-    from train.cache import list_caches, remove_cache
+    PipelineError for a key that is not there, before anything is deleted, or for a cache in use (naming the
+    processes that hold it)."""
+    from train.cache import list_caches, remove_cache, shown
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})
     entries = {entry.key: entry for entry in list_caches(folder)}
     unknown = [key for key in keys if key != "all" and key not in entries]
     if unknown:
-        raise PipelineError(f"{folder / unknown[0]}: no such data cache (`pipeline cache` lists them)")
+        raise PipelineError(f"{shown(folder / unknown[0])}: no such data cache (`pipeline cache` lists them)")
     if not entries:
-        print(f"no data caches in {folder}")
+        print(f"no data caches in {shown(folder)}")
     for entry in entries.values() if "all" in keys else [entries[key] for key in dict.fromkeys(keys)]:
         remove_cache(entry, folder)
-        print(f"removed {entry.path} ({_size(entry.size_bytes)})")
+        print(f"removed {shown(entry.path)} ({_size(entry.size_bytes)})")
 
 
 def remove_unused_data_caches(days: float, *, cache_dir: str | Path | None = None) -> None:
     """Delete the data caches under `cache_dir` (as list_data_caches) last used more than `days` days ago,
-    printing each; one that a process holds all the same (a long training run) is kept, with a line on stderr."""
+    printing each; one that a process holds all the same (a long training run) is kept, with a line on stderr naming
+    the process."""
     import time
 
-    from train.cache import CacheError, list_caches, remove_cache
+    from train.cache import CacheInUse, list_caches, remove_cache, shown
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})
     cutoff = time.time() - days * 24 * 3600
     unused = [entry for entry in list_caches(folder) if entry.last_used < cutoff]
     if not unused:
-        print(f"no data caches in {folder} unused for {days:g} days")
+        print(f"no data caches in {shown(folder)} unused for {days:g} days")
     for entry in unused:
         try:
             remove_cache(entry, folder)
-        except CacheError:
-            print(f"kept {entry.path}: in use by another process", file=sys.stderr)
+        except CacheInUse as err:
+            print(f"kept {shown(entry.path)}: in use by {err.holders}", file=sys.stderr)
             continue
-        print(f"removed {entry.path} ({_size(entry.size_bytes)})")
+        print(f"removed {shown(entry.path)} ({_size(entry.size_bytes)})")
 
 
 def _size(size_bytes: int) -> str:

@@ -361,7 +361,8 @@ def test_pipeline_cache_lists_the_caches_and_removes_one_not_in_use(tmp_path, ca
     fcntl.flock(fd, fcntl.LOCK_SH)
     refused = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", small, check=False)
     os.close(fd)
-    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "in use by another process" in refused.stderr
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(f"Error: {cache_dir / small}: in use by PID {os.getpid()} (")
     missing = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", "0" * 24, check=False)
     assert missing.returncode == 1 and "no such data cache" in missing.stderr
 
@@ -392,12 +393,19 @@ def test_pipeline_cache_older_than_removes_the_caches_unused_that_long_and_keeps
     finally:
         os.close(fd)
     assert result.stdout.startswith(f"removed {cache_dir / keys[24]} (") and result.stdout.count("\n") == 1
-    assert result.stderr == f"kept {cache_dir / keys[32]}: in use by another process\n"
+    assert re.fullmatch(
+        rf"kept {re.escape(str(cache_dir / keys[32]))}: in use by PID {os.getpid()} \(.+\)\n", result.stderr
+    )
     assert not (cache_dir / keys[24]).exists() and (cache_dir / keys[32]).is_dir() and (cache_dir / keys[40]).is_dir()
     again = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "50").stdout
     assert again == f"no data caches in {cache_dir} unused for 50 days\n"
     both = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "1", "--remove", "all", check=False)
     assert both.returncode == 2 and "--remove and --older-than: give one of them" in both.stderr
+    for bad, why in (("nan", "nan is not a finite number"), ("inf", "inf is not a finite number"), ("-1", "range")):
+        refused = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", bad, check=False)
+        (error,) = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+        assert refused.returncode == 2 and "'--older-than'" in error and why in error, refused.stderr
+    assert (cache_dir / keys[32]).is_dir() and (cache_dir / keys[40]).is_dir()
 
 
 def test_cache_dir_setting_must_be_a_folder_name():
@@ -497,3 +505,98 @@ def test_image_view_reads_from_threads_and_forked_children_agree(view_and_refere
         child = pipe.read()
     os.waitpid(pid, 0)
     assert child == ref[[3, 9]].tobytes()
+
+
+# Opens a folder's cache as training and quantize do, leaves its training split on disk (quantize's path: no image is
+# read yet), says so, and reads every image of every split when told to, printing their sum.
+READER = [
+    sys.executable,
+    "-c",
+    "import sys; from pipeline.config import load_config; from train.data import load_dataset\n"
+    "config = {'data': sys.argv[1], 'input_size': 24, 'channels': 3, 'cache_dir': sys.argv[2]}\n"
+    "data = load_dataset(load_config(None, config), train_in_memory=False)\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "print(int(data.train_x[:].sum(dtype=int)) + int(data.val_x[:].sum(dtype=int)), flush=True)\n",
+]
+
+
+def test_a_cache_a_process_reads_is_never_removed_and_its_reader_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_IMAGES", 4)  # 5 shards: a reader opens more than one
+    env = {**os.environ, "PIPELINE_CACHE_SHARD_IMAGES": "4"}
+    root, cache_dir = make_image_folder(tmp_path / "shapes", per_class=6), tmp_path / "cache"
+    reference = load_dataset(folder_config(root, cache_dir), train_in_memory=False)
+    total = int(reference.train_x[:].sum(dtype=int)) + int(reference.val_x[:].sum(dtype=int))
+    del reference  # the lock dies with the last view of the cache
+    folder = cache_folder(cache_dir)
+
+    def start_reader() -> subprocess.Popen:
+        reader = subprocess.Popen(
+            [*READER, str(root), str(cache_dir)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert reader.stdout.readline() == "ready\n"
+        return reader
+
+    reader = start_reader()
+    held_by = rf"in use by PID {reader.pid} \(python[\d.]*\)"
+    refused = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", folder.name, check=False)
+    assert refused.returncode == 1
+    assert re.fullmatch(rf"Error: {re.escape(str(folder))}: {held_by}; not removed\n", refused.stderr), refused.stderr
+    kept = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "0")
+    assert kept.stdout == "" and re.fullmatch(rf"kept {re.escape(str(folder))}: {held_by}\n", kept.stderr)
+    shards = [f"train-{i:05d}{suffix}" for i in range(5) for suffix in (".json", ".u8")]
+    assert sorted(files_of(folder)) == sorted([*shards, "manifest.json"])
+    out, _ = reader.communicate("read\n", timeout=60)
+    assert reader.returncode == 0 and int(out) == total  # every shard read, after both attempts
+
+    # A reader killed with kill -9 takes its lock with it: nothing is left to block the removal.
+    reader = start_reader()
+    reader.kill()
+    reader.communicate()
+    removed = run_pipeline("cache", "--cache-dir", str(cache_dir), "--remove", folder.name)
+    assert removed.stdout.startswith(f"removed {folder} (") and not folder.exists()
+
+
+def test_edited_labels_or_manifest_are_caught_when_opened_and_by_verify_data(tmp_path, capsys):
+    root, cache_dir = make_image_folder(tmp_path / "shapes", per_class=6), tmp_path / "cache"
+    config = folder_config(root, cache_dir)
+    first = load_dataset(config)
+    labels = np.concatenate([first.train_y, first.val_y])
+    folder = cache_folder(cache_dir)
+    intact = files_of(folder)
+    sidecar, manifest = folder / "train-00000.json", folder / "manifest.json"
+    capsys.readouterr()
+
+    def edit(path: Path, old: bytes, new: bytes) -> None:
+        """One edit that leaves valid JSON: what a wrong label or fingerprint looks like."""
+        data = path.read_bytes()
+        assert data.count(old) == 1
+        path.write_bytes(data.replace(old, new))
+
+    edit(sidecar, b'"labels": [0, ', b'"labels": [1, ')
+    again = load_dataset(config)
+    err = capsys.readouterr().err
+    assert f"warning: {sidecar}: damaged cache shard record (checksum wrong)" in err and decoded(err) == [18]
+    assert np.array_equal(np.concatenate([again.train_y, again.val_y]), labels)
+    assert files_of(folder) == intact
+
+    fingerprint = json.loads(manifest.read_bytes())["fingerprint"].encode()
+    edit(manifest, fingerprint, fingerprint[::-1])
+    again = load_dataset(config)
+    err = capsys.readouterr().err
+    assert f"warning: {manifest}: damaged (checksum wrong); writing it again" in err and decoded(err) == []
+    assert again.fingerprint == first.fingerprint == content_fingerprint(root) and files_of(folder) == intact
+
+    del first, again  # no reader left: verify_data rewrites
+    verify_data(config)
+    assert "18 source files verified against the data cache, and its 1 shard (images and labels) and its manifest" in (
+        capsys.readouterr().err
+    )
+    edit(sidecar, b'"labels": [0, ', b'"labels": [2, ')
+    edit(manifest, fingerprint, fingerprint[::-1])
+    verify_data(config)
+    err = capsys.readouterr().err
+    assert f"warning: {folder}: train-00000.json, manifest.json damaged (size or checksum wrong)" in err
+    again = load_dataset(config)
+    assert decoded(capsys.readouterr().err) == [18] and files_of(folder) == intact
+    assert np.array_equal(np.concatenate([again.train_y, again.val_y]), labels)

@@ -5,15 +5,19 @@ shards that training reads image by image with positioned reads, so no process e
       manifest.json      format, source, input size, channels, class names, the source files (name, size, mtime,
                          label), per split counts, shard size, the data fingerprint; written last
       train-00000.u8     the images of up to SHARD_IMAGES source items, height*width*channels bytes each, back to back
-      train-00000.json   its sidecar: image count, the .u8's sha256, labels, files skipped, source files' sha256
+      train-00000.json   its sidecar: image count, the .u8's sha256, labels, files skipped, source files' sha256,
+                         and a checksum of all that
       test-00000.u8 ...  (Fashion-MNIST's test split)
-    <cache_dir>/<key>.lock   held while a process checks or writes the cache
+    <cache_dir>/<key>.lock         share-locked by every process using the cache, for as long as it can read it
+    <cache_dir>/<key>.write.lock   held while a process writes or verifies the cache
 
 The key hashes the source's identity and listing (file names, sizes, mtimes), the input size, channels, the shard
 size and CACHE_VERSION: a folder whose files change, or another input size, is another cache. A shard is used only
-when its sidecar exists, its size is right and its sha256 matches (checked whenever the cache is opened); anything
-else is decoded again. Shards are written in order, each atomically and its sidecar after it, so an interrupted
-ingest continues at the first missing shard and ends with the same bytes an uninterrupted one writes.
+when its sidecar exists and matches its checksum, and the shard's size is right and its sha256 matches (checked
+whenever the cache is opened, as is the manifest's checksum); anything else is decoded again. Shards are written in
+order, each atomically and its sidecar after it, so an interrupted ingest continues at the first missing shard and
+ends with the same bytes an uninterrupted one writes. A reader reads the shard files it opened to check them, and
+holds the shared lock until it is garbage-collected, so `pipeline cache --remove` refuses a cache in use.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import os
 import re
 import shutil
 import sys
-import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +49,8 @@ from serve.preprocess import MAX_IMAGE_BYTES, in_order, to_pixels
 
 FORMAT = "edge-pipeline data cache"
 # Bump when serve's preprocessing or this layout changes what a cache holds, so that older caches are never read.
-CACHE_VERSION = 2
+# 3: the manifest and each sidecar carry a checksum of their own (labels were covered by none).
+CACHE_VERSION = 3
 # Source items per shard. 4096 images are 600 MiB at 224x224x3, 3 MiB at 28x28: few files even for ImageNet (313,
 # each kept open by the processes reading it), and an interrupted ingest loses at most one shard's work. Tests make
 # it small with PIPELINE_CACHE_SHARD_IMAGES.
@@ -53,7 +58,7 @@ SHARD_IMAGES = int(os.environ.get("PIPELINE_CACHE_SHARD_IMAGES") or 4096)
 CHUNK = 16  # images per task of a decoding thread: handing a task over costs ~20 us, a 64x64 JPEG's decode ~100 us
 HASH_THREADS = 4  # hashlib releases the GIL on large buffers: shards are checked in parallel
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files"}
+SIDECAR_KEYS = {"items", "count", "sha256", "labels", "skipped", "files", "checksum"}
 # A training split up to this size is read into memory once (in_memory_if_small): a shuffled batch then costs one
 # numpy gather instead of one read per image. Larger splits stay on disk and are read batch by batch.
 IN_MEMORY_BYTES = 256 * 2**20
@@ -62,6 +67,14 @@ KEY_NAME = re.compile(r"[0-9a-f]{24}")  # what cache_key gives: a cache director
 
 class CacheError(PipelineError):
     """A data cache that cannot be written or read."""
+
+
+class CacheInUse(CacheError):
+    """A cache that a process holds, so it is not removed. `holders` names them: "PID 4242 (pipeline)"."""
+
+    def __init__(self, folder: Path, holders: str) -> None:
+        super().__init__(f"{shown(folder)}: in use by {holders}; not removed")
+        self.holders = holders
 
 
 @dataclass
@@ -100,48 +113,80 @@ def open_cache(source: Source, size: int, channels: int, cache_dir: Path) -> Cac
     """The cache of `source` at this input size under `cache_dir`, built (or completed, or repaired) first if needed.
 
     Concurrent processes (Horovod workers on one host, or hosts sharing a filesystem) take a lock: one writes,
-    the others wait, then read what it wrote.
+    the others wait, then read what it wrote. The cache's shared lock is held until the last view of it is
+    garbage-collected (forked children that inherited it included), so no process removes it while it is read.
     """
     listing = _listing(source)
     key = cache_key(source, listing, size, channels)
     folder, shape = cache_dir / key, (size, size, channels)
     with _writing(folder):
-        with _locked(cache_dir / f"{key}.lock", folder, shared=True):
-            cache = _open_complete(folder, shape)
+        hold = _Hold(cache_dir / f"{key}.lock", folder)
+        cache = _open_complete(folder, shape, hold)
         if cache is None:
-            with _locked(cache_dir / f"{key}.lock", folder, shared=False):
-                cache = _open_complete(folder, shape) or _build(folder, source, listing, shape)
+            with _locked(cache_dir / f"{key}.write.lock", folder):
+                cache = _open_complete(folder, shape, hold) or _build(folder, source, listing, shape, hold)
     return cache
 
 
 def verify_cache(source: Source, size: int, channels: int, cache_dir: Path) -> None:
-    """Hash every source file again and compare with the hashes the cache recorded while ingesting them. On any
-    difference (a file edited without a change of size or mtime) remove the cache, so that it is built again."""
+    """Check the cache whole, and the source against it: every shard's size and sha256, every sidecar's (labels
+    included) and the manifest's checksum, and every source file hashed again and compared with the hash the cache
+    recorded while ingesting it. Say what was checked; remove what is damaged, and the shards made from a file edited
+    without a change of size or mtime (restored from a backup, say), with the manifest: the next open decodes them
+    again."""
     listing = _listing(source)
     key = cache_key(source, listing, size, channels)
-    folder = cache_dir / key
-    with _writing(folder), _locked(cache_dir / f"{key}.lock", folder, shared=False):
-        recorded: dict[str, str] = {}
-        for path in sorted(folder.glob("[!.]*-*.json")):
-            sidecar = _read_json(path)
-            if sidecar is not None:
-                recorded.update(dict(sidecar.get("files", [])))
-        if not recorded:
-            return  # nothing cached yet: the ingest hashes each file as it reads it
-        names = [entry[0] for entry in listing]
-        with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
-            fresh = dict(zip(names, pool.map(_file_sha256, source.files)))
-        changed = sorted(name for name, digest in recorded.items() if fresh.get(name) != digest)
-        if not changed:
-            print(f"{source.root}: {len(names)} source files verified against the data cache", file=sys.stderr)
-            return
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    folder, shape = cache_dir / key, (size, size, channels)
+    with _writing(folder):
+        hold = _Hold(cache_dir / f"{key}.lock", folder)  # no removal while it runs
+        with contextlib.closing(hold), _locked(cache_dir / f"{key}.write.lock", folder):
+            _verify(source, listing, folder, shape)
+
+
+def _verify(source: Source, listing: list[list], folder: Path, shape: tuple) -> None:
+    paths = sorted(folder.glob("[!.]*-*.json"))
+    if not paths:
+        return  # nothing cached yet: the ingest hashes each file as it reads it
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+        sidecars = list(pool.map(lambda path: _intact_sidecar(path, shape), paths))
+    damaged = [path for path, sidecar in zip(paths, sidecars) if sidecar is None]
+    manifest_path = folder / "manifest.json"
+    manifest = _read_json(manifest_path)
+    if manifest is not None and manifest.get("checksum") != _checksum(manifest):
+        damaged.append(manifest_path)
+    recorded = {name: digest for sidecar in sidecars if sidecar for name, digest in sidecar["files"]}
+    names = [entry[0] for entry in listing]
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+        fresh = dict(zip(names, pool.map(_file_sha256, source.files)))
+    changed = sorted(name for name, digest in recorded.items() if fresh.get(name) != digest)
+    stale = [
+        path for path, sidecar in zip(paths, sidecars) if sidecar and set(changed) & {n for n, _ in sidecar["files"]}
+    ]
+    root = shown(source.root)
+    if damaged:
         print(
-            f"warning: {source.root}: {len(changed)} of {len(names)} source files changed since the data cache "
-            f"was built, with the same sizes and times ({shown}); building the cache again",
+            f"warning: {shown(folder)}: {_listed([path.name for path in damaged])} damaged (size or checksum "
+            "wrong); decoding again what they hold",
             file=sys.stderr,
         )
-        shutil.rmtree(folder)
+    if changed:
+        print(
+            f"warning: {root}: {len(changed)} of {len(names)} source files changed since the data cache was built, "
+            f"with the same sizes and times ({_listed([shown(name) for name in changed])}); decoding them again",
+            file=sys.stderr,
+        )
+    if damaged or changed:
+        # The manifest first: a process that looks meanwhile sees an incomplete cache and waits for the write lock.
+        for path in sorted({manifest_path, *damaged, *stale}, key=lambda path: path != manifest_path):
+            path.unlink(missing_ok=True)
+        return
+    what = f"{len(paths)} shard{'s' if len(paths) > 1 else ''} (images and labels)"
+    what += " and its manifest" if manifest is not None else ""
+    print(f"{root}: {len(names)} source files verified against the data cache, and its {what}", file=sys.stderr)
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 @dataclass
@@ -169,18 +214,19 @@ def list_caches(cache_dir: Path) -> list[CacheEntry]:
 
 
 def remove_cache(entry: CacheEntry, cache_dir: Path) -> None:
-    """Delete a cache that no process is using (CacheError if one is). Its lock file stays: a process that opened it
-    to wait for this one must lock the same file as any that comes later."""
+    """Delete a cache that no process is using (CacheInUse, naming them, if one is). Its lock files stay: a process
+    that opened one to wait for this removal must lock the same file as any that comes later."""
     lock = cache_dir / f"{entry.key}.lock"
     with _writing(entry.path):
-        # Every process that uses a cache locks this file first; a cache without one was never used by this version.
+        # Every process that uses a cache share-locks this file for as long as it uses it; a cache without one was
+        # never used by this version.
         fd = os.open(lock, os.O_RDWR) if lock.exists() else None
         try:
             if fd is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise CacheError(f"{entry.path}: in use by another process (training?); not removed") from None
+                    raise CacheInUse(entry.path, _holders(fd)) from None
             if entry.path.is_dir():
                 shutil.rmtree(entry.path)
             else:
@@ -188,6 +234,36 @@ def remove_cache(entry: CacheEntry, cache_dir: Path) -> None:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+def _holders(fd: int) -> str:
+    """Who holds a lock on the open file `fd`, from /proc/locks, which names each lock's process and its file's device
+    and inode. A lock dies with its process, so a reader killed with kill -9 is never named here, nor blocks a removal.
+    Processes out of sight (on another host sharing the folder, in another PID namespace) are not named."""
+    info = os.fstat(fd)
+    where = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        lines = []
+    pids = []
+    for line in lines:
+        # "1: FLOCK  ADVISORY  READ 4242 fe:00:2146386 0 EOF"; a waiter's line has "->" after the number.
+        match = re.match(r"\d+: +\w+ +\w+ +\w+ +(\d+) +([0-9a-f]+):([0-9a-f]+):(\d+) ", line)
+        if match and (int(match[2], 16), int(match[3], 16), int(match[4])) == where and int(match[1]) > 0:
+            pids.append(int(match[1]))
+    if not pids:
+        return "a process this host cannot name (on another host sharing the folder?)"
+    return ", ".join(f"PID {pid}{_command(pid)}" for pid in sorted(set(pids)))
+
+
+def _command(pid: int) -> str:
+    """The process's command name, in brackets; an exited process still named means a process it forked holds the
+    lock."""
+    try:
+        return f" ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:
+        return " (exited; a process it forked holds the cache)"
 
 
 def _entry(cache_dir: Path, key: str, path: Path) -> CacheEntry:
@@ -216,7 +292,13 @@ def _stat(path: Path) -> os.stat_result:
 
 def _source_name(identity: str) -> str:
     """A source's identity as a person reads it: a folder, or the folder of a data set's files."""
-    return os.path.commonpath(json.loads(identity)) if identity.startswith("[") else identity
+    return shown(os.path.commonpath(json.loads(identity)) if identity.startswith("[") else identity)
+
+
+def shown(name: str | os.PathLike) -> str:
+    """A file name as text any output can encode: bytes that are not UTF-8 (which Python holds as lone surrogates,
+    whatever the locale) written as Python writes undecodable bytes, \\xff."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def cache_key(source: Source, listing: list[list], size: int, channels: int) -> str:
@@ -231,7 +313,8 @@ class ImageView:
 
     view[i] is one (H, W, C) image; view[a:b], view[indices] and view[mask] are (n, H, W, C) arrays in the order
     asked, as numpy would give them. A batch costs one read per run of consecutive images. Safe to read from
-    several threads, and in forked processes (each opens the files again).
+    several threads, and in forked processes (which read the files they inherited). While any view of a cache
+    exists, its files stay open and its shared lock held.
     """
 
     dtype = np.dtype(np.uint8)
@@ -282,14 +365,17 @@ def _index_array(key) -> np.ndarray:
 
 
 class _ShardFiles:
-    """The shard files of one split, opened lazily by each process and read with os.pread (no shared offset)."""
+    """The shard files of one split, read with os.pread (no shared offset: threads and forked children read the same
+    open files). They were opened to be checked, so what is read is what was checked, whatever happens to the paths
+    later. The files and the cache's shared lock are closed when this is garbage-collected."""
 
-    def __init__(self, paths: list[Path], counts: list[int], image_shape: tuple[int, int, int]) -> None:
-        self.paths, self.image_shape = paths, image_shape
+    def __init__(
+        self, paths: list[Path], fds: list[int], counts: list[int], image_shape: tuple[int, int, int], hold: _Hold
+    ) -> None:
+        self.paths, self.image_shape, self._fds, self._hold = paths, image_shape, fds, hold
         self.image_bytes = math.prod(image_shape)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._fds: dict[tuple[int, int], int] = {}  # (pid, shard) -> fd: after a fork the child opens its own
-        self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, list(fds))
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Images at `indices` (into the split), in that order."""
@@ -311,33 +397,19 @@ class _ShardFiles:
         return out
 
     def _pread(self, shard: int, length: int, offset: int) -> bytes:
-        fd, parts, done = self._fd(shard), [], 0
+        parts, done = [], 0
         while done < length:
-            part = os.pread(fd, length - done, offset + done)
+            part = os.pread(self._fds[shard], length - done, offset + done)
             if not part:
                 raise CacheError(f"{self.paths[shard]}: cache shard shorter than its record (changed while in use?)")
             parts.append(part)
             done += len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fd(self, shard: int) -> int:
-        key = (os.getpid(), shard)
-        fd = self._fds.get(key)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(key)
-                if fd is None:
-                    try:
-                        fd = os.open(self.paths[shard], os.O_RDONLY)
-                    except OSError as err:
-                        raise CacheError(f"{self.paths[shard]}: cannot read cache shard ({err.strerror})") from None
-                    self._fds[key] = fd
-        return fd
 
-    def __del__(self) -> None:
-        for (pid, _), fd in self._fds.items():
-            if pid == os.getpid():
-                os.close(fd)
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _listing(source: Source) -> list[list]:
@@ -366,21 +438,49 @@ def _writing(folder: Path) -> Iterator[None]:
         raise CacheError(f"{folder}: cannot use the data cache ({err.strerror}: {err.filename})") from None
 
 
-@contextlib.contextmanager
-def _locked(path: Path, folder: Path, shared: bool) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{folder}: waiting for another process using the data cache", file=sys.stderr)
-            fcntl.flock(fd, mode)
+class _Hold:
+    """A shared lock on a cache's `<key>.lock`, kept until this is closed or garbage-collected. Every view of the
+    cache refers to it, so `pipeline cache --remove`, which needs the lock exclusively, refuses the cache for as long
+    as anything can read it. A forked child inherits the open file and with it the lock; flock's lock dies with the
+    last process holding the file, kill -9 included."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        fd = _lock(path, folder, fcntl.LOCK_SH)
         os.utime(fd)  # when the cache was last used: what `pipeline cache` shows
+        self.close = weakref.finalize(self, os.close, fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, folder: Path) -> Iterator[None]:
+    """An exclusive lock on `path` meanwhile: the one process writing or verifying the cache."""
+    fd = _lock(path, folder, fcntl.LOCK_EX)
+    try:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(path: Path, folder: Path, mode: int) -> int:
+    """`path` opened (created if need be) and flock'ed in `mode`, waiting, and saying so, while another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{shown(folder)}: waiting for another process using the data cache", file=sys.stderr)
+            fcntl.flock(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _checksum(record: dict) -> str:
+    """The sha256 of a manifest's or sidecar's fields other than "checksum", as the canonical JSON they were written
+    in (names that are not UTF-8 are \\udcxx escapes there)."""
+    body = {key: value for key, value in record.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -401,62 +501,113 @@ def _shard_ranges(items: int) -> list[tuple[int, int]]:
 
 def _check_shard(
     folder: Path, split: str, index: int, items: int, shape: tuple, files: dict[str, str], warn: bool
-) -> dict | None:
-    """The shard's sidecar if the shard is complete and intact: sidecar present, size right, sha256 matching, and
-    made from these `files` (where known). Otherwise None, with a warning (if `warn`) when the shard was damaged."""
-    sidecar = _read_json(_shard_path(folder, split, index, ".json"))
+) -> tuple[dict, int] | None:
+    """The shard's sidecar and the shard opened, if the shard is complete and intact: sidecar present and matching its
+    checksum, shard size right, sha256 matching, and made from these `files` (where known). Otherwise None, with a
+    warning (if `warn`) when the shard or its sidecar was damaged."""
+    path = _shard_path(folder, split, index, ".json")
+    sidecar = _read_json(path)
     if sidecar is None or not SIDECAR_KEYS <= sidecar.keys():
         return None  # never finished: decoded again silently
+    if sidecar["checksum"] != _checksum(sidecar):
+        if warn:
+            print(
+                f"warning: {shown(path)}: damaged cache shard record (checksum wrong); decoding it again",
+                file=sys.stderr,
+            )
+        return None
     if sidecar["items"] != items or len(sidecar["labels"]) != sidecar["count"]:
         return None
     if not set(files.items()) <= {tuple(entry) for entry in sidecar["files"]}:
         return None  # made from other contents of these files
     data = _shard_path(folder, split, index, ".u8")
+    fd = _open_intact(data, sidecar, shape)
+    if fd is None and warn:
+        print(
+            f"warning: {shown(data)}: damaged cache shard (size or checksum wrong); decoding it again", file=sys.stderr
+        )
+    return None if fd is None else (sidecar, fd)
+
+
+def _open_intact(data: Path, sidecar: dict, shape: tuple) -> int | None:
+    """The shard file opened if its size and sha256 are those its sidecar records, else None. The open file itself is
+    hashed: it is what will be read."""
     try:
-        size_ok = data.stat().st_size == sidecar["count"] * math.prod(shape)
-        intact = size_ok and _file_sha256(data) == sidecar["sha256"]
+        fd = os.open(data, os.O_RDONLY)
     except OSError:
-        intact = False
-    if not intact and warn:
-        print(f"warning: {data}: damaged cache shard (size or checksum wrong); decoding it again", file=sys.stderr)
-    return sidecar if intact else None
+        return None
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            if os.fstat(fd).st_size == sidecar["count"] * math.prod(shape):
+                if hashlib.file_digest(f, "sha256").hexdigest() == sidecar["sha256"]:
+                    return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
-def _open_complete(folder: Path, shape: tuple) -> Cache | None:
+def _intact_sidecar(path: Path, shape: tuple) -> dict | None:
+    """A sidecar (found by name) if it and its shard are intact, else None."""
+    sidecar = _read_json(path)
+    if sidecar is None or not SIDECAR_KEYS <= sidecar.keys() or sidecar["checksum"] != _checksum(sidecar):
+        return None
+    fd = _open_intact(path.with_suffix(".u8"), sidecar, shape)
+    if fd is None:
+        return None
+    os.close(fd)
+    return sidecar
+
+
+def _open_complete(folder: Path, shape: tuple, hold: _Hold) -> Cache | None:
     """The cache in `folder` if its manifest and every shard are intact, else None (nothing is written)."""
     manifest = _read_json(folder / "manifest.json")
     if manifest is None or manifest.get("format") != FORMAT or manifest.get("version") != CACHE_VERSION:
         return None  # none yet, or another version's
+    if manifest.get("checksum") != _checksum(manifest):
+        return None  # damaged: _build says so and writes it again
     plan = [
         (name, index, end - start)
         for name, counts in manifest["splits"].items()
         for index, (start, end) in enumerate(_shard_ranges(counts["items"]))
     ]
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
-        sidecars = list(pool.map(lambda p: _check_shard(folder, *p, shape, {}, warn=False), plan))
-    if any(sidecar is None for sidecar in sidecars):
+        checked = list(pool.map(lambda p: _check_shard(folder, *p, shape, {}, warn=False), plan))
+    if any(shard is None for shard in checked):
+        _close_all([shard[1] for shard in checked if shard is not None])
         return None
-    return _assemble(folder, manifest, plan, sidecars, shape)
+    return _assemble(folder, manifest, plan, checked, shape, hold)
 
 
-def _assemble(folder: Path, manifest: dict, plan: list[tuple], sidecars: list[dict], shape: tuple) -> Cache:
+def _assemble(
+    folder: Path, manifest: dict, plan: list[tuple], checked: list[tuple[dict, int]], shape: tuple, hold: _Hold
+) -> Cache:
     splits, skipped = {}, []
     for name in manifest["splits"]:
-        mine = [(index, sidecar) for (split, index, _), sidecar in zip(plan, sidecars) if split == name]
+        mine = [(index, *shard) for (split, index, _), shard in zip(plan, checked) if split == name]
         files = _ShardFiles(
-            [_shard_path(folder, name, index, ".u8") for index, _ in mine], [s["count"] for _, s in mine], shape
+            [_shard_path(folder, name, index, ".u8") for index, _, _ in mine],
+            [fd for _, _, fd in mine],
+            [sidecar["count"] for _, sidecar, _ in mine],
+            shape,
+            hold,
         )
-        labels = np.array([label for _, s in mine for label in s["labels"]], dtype=np.int64)
+        labels = np.array([label for _, s, _ in mine for label in s["labels"]], dtype=np.int64)
         splits[name] = (ImageView(files, np.arange(len(labels))), labels)
-        skipped += [entry for _, s in mine for entry in s["skipped"]]
+        skipped += [entry for _, s, _ in mine for entry in s["skipped"]]
     return Cache(folder, manifest["fingerprint"], skipped, splits)
 
 
-def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> Cache:
-    """Write what is missing or damaged in `folder`, then the manifest. Called holding the exclusive lock."""
+def _build(folder: Path, source: Source, listing: list[list], shape: tuple, hold: _Hold) -> Cache:
+    """Write what is missing or damaged in `folder`, then the manifest. Called holding the write lock."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*"):  # temp files of a write that was killed
         stale.unlink()
+    old = _read_json(folder / "manifest.json")
+    if old is not None and old.get("version") == CACHE_VERSION and old.get("checksum") != _checksum(old):
+        print(
+            f"warning: {shown(folder / 'manifest.json')}: damaged (checksum wrong); writing it again", file=sys.stderr
+        )
     splits = source.read()
     plan = [
         (name, index, end - start)
@@ -464,15 +615,19 @@ def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> C
         for index, (start, end) in enumerate(_shard_ranges(len(split.items)))
     ]
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
-        sidecars = list(pool.map(lambda p: _check_shard(folder, *p, shape, splits[p[0]].files, warn=True), plan))
-    todo = [i for i, sidecar in enumerate(sidecars) if sidecar is None]
+        checked = list(pool.map(lambda p: _check_shard(folder, *p, shape, splits[p[0]].files, warn=True), plan))
+    todo = [i for i, shard in enumerate(checked) if shard is None]
     names = {path: entry[0] for path, entry in zip(source.files, listing)}  # relative names, found once
-    for i, sidecar in zip(todo, _ingest(folder, names, splits, [plan[i] for i in todo], len(plan), shape)):
-        sidecars[i] = sidecar
+    try:
+        for i, sidecar in zip(todo, _ingest(folder, names, splits, [plan[i] for i in todo], len(plan), shape)):
+            checked[i] = (sidecar, os.open(_shard_path(folder, *plan[i][:2], ".u8"), os.O_RDONLY))  # as just written
+    except BaseException:
+        _close_all([shard[1] for shard in checked if shard is not None])
+        raise
 
-    hashes = {name: digest for sidecar in sidecars for name, digest in sidecar["files"]}
+    hashes = {name: digest for sidecar, _ in checked for name, digest in sidecar["files"]}
     images = collections.Counter()
-    for (name, _, _), sidecar in zip(plan, sidecars):
+    for (name, _, _), (sidecar, _) in zip(plan, checked):
         images[name] += sidecar["count"]
     manifest = {
         "format": FORMAT,
@@ -486,16 +641,18 @@ def _build(folder: Path, source: Source, listing: list[list], shape: tuple) -> C
         "shard_images": SHARD_IMAGES,
         "fingerprint": fingerprint(names, hashes),
     }
+    manifest["checksum"] = _checksum(manifest)
     write_atomic(folder / "manifest.json", json.dumps(manifest, sort_keys=True))
-    return _assemble(folder, manifest, plan, sidecars, shape)
+    return _assemble(folder, manifest, plan, checked, shape, hold)
 
 
 def fingerprint(names: dict[Path, str], hashes: dict[str, str]) -> str:
-    """sha256 over each source file's name (relative to the source's root) and content sha256, in path order."""
+    """sha256 over each source file's name (relative to the source's root, as the bytes the filesystem holds) and
+    content sha256, in path order."""
     digest = hashlib.sha256()
     for path in sorted(names):
         name = names[path]
-        digest.update(name.encode() + b"\0")
+        digest.update(os.fsencode(name) + b"\0")
         digest.update(bytes.fromhex(hashes[name]))
     return digest.hexdigest()
 
@@ -563,6 +720,7 @@ def _write_shard(
         "skipped": skipped,
         "files": files + [[file, file_digest] for file, file_digest in split.files.items()],
     }
+    sidecar["checksum"] = _checksum(sidecar)
     write_atomic(_shard_path(folder, name, index, ".json"), json.dumps(sidecar, sort_keys=True))
     return sidecar
 
