@@ -20,7 +20,7 @@ import numpy as np
 
 from serve.errors import PipelineError
 from serve.preprocess import IMAGE_EXTENSIONS
-from train.cache import ImageView, Source, Split, in_memory_if_small, open_cache, verify_cache
+from train.cache import ImageView, Source, Split, in_memory_if_small, open_cache, shown, verify_cache
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -91,7 +91,7 @@ def load_dataset(config: dict, *, train_in_memory: bool = True) -> Dataset:
     source = data_source(config)
     cache = open_cache(source, size, channels, cache_dir(config))
     x, y = cache.splits["train"]
-    skipped = [str(source.root / name) for name in cache.skipped]
+    skipped = [shown(source.root / name) for name in cache.skipped]
     for name in skipped:
         print(f"warning: {name}: skipped (not a readable image)", file=sys.stderr)
     for index, name in enumerate(source.class_names):
@@ -242,7 +242,8 @@ def _fashion_mnist_source(root: Path) -> Source:
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[list[Path]]]:
-    """Class names (sorted sub-folder names) and each class's image files, by extension."""
+    """Class names (sorted sub-folder names, bytes that are not UTF-8 written \\xff) and each class's image files, by
+    extension."""
     if not root.exists():
         raise DataError(f"{root}: no such data folder (want one sub-folder of images per class)")
     if not root.is_dir():
@@ -253,14 +254,38 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[list[Path]]]:
     ]
     if not class_dirs or not any(files):
         raise DataError(f"{root}: no images found (want one sub-folder of images per class)")
-    for class_dir, paths in zip(class_dirs, files):
-        if len(class_dir.name.splitlines()) != 1:  # labels.txt, in every bundle, holds one class name a line
-            raise DataError(f"{root}: the class folder {class_dir.name!r} has a line break in its name: rename it")
+    # A label is the folder's name as text: labels.txt, in every bundle, is UTF-8, one class name a line.
+    names = [shown(d.name) for d in class_dirs]
+    for class_dir, name, paths in zip(class_dirs, names, files):
+        if len(class_dir.name.splitlines()) != 1:
+            raise DataError(f"{shown(root)}: the class folder {name!r} has a line break in its name: rename it")
         if not paths:
-            raise DataError(f"{class_dir}: class '{class_dir.name}' has no images")
+            raise DataError(f"{shown(class_dir)}: class '{name}' has no images")
     if len(class_dirs) < 2:
-        raise DataError(f"{root}: found one class ({class_dirs[0].name}); a classifier needs at least two")
-    return [d.name for d in class_dirs], files
+        raise DataError(f"{shown(root)}: found one class ({names[0]}); a classifier needs at least two")
+    _refuse_same_folders(root, class_dirs, names)
+    return names, files
+
+
+def _refuse_same_folders(root: Path, class_dirs: list[Path], names: list[str]) -> None:
+    """DataError if two class folders would give the same images two labels (one is the other, through a symlink or
+    a bind mount, or lies inside it) or two folders one label (a folder named "a\\xff" beside one named a + 0xff)."""
+    labels: dict[str, Path] = {}
+    folders: dict[tuple[int, int], str] = {}
+    for class_dir, name in zip(class_dirs, names):
+        if labels.setdefault(name, class_dir) != class_dir:
+            raise DataError(
+                f"{shown(root)}: two class folders give the label '{name}' (one name is not UTF-8): rename one"
+            )
+        info = class_dir.stat()
+        other = folders.setdefault((info.st_dev, info.st_ino), name)
+        if other != name:
+            raise DataError(f"{shown(root)}: the class folders '{other}' and '{name}' are the same folder: keep one")
+    # Sorted, a folder is followed by what lies inside it: comparing neighbours finds any nesting.
+    real = sorted((os.path.join(os.path.realpath(d), ""), name) for d, name in zip(class_dirs, names))
+    for (outer, outer_name), (inner, inner_name) in zip(real, real[1:]):
+        if inner.startswith(outer):
+            raise DataError(f"{shown(root)}: the class folder '{inner_name}' lies inside '{outer_name}': keep one")
 
 
 def _folder_source(root: Path) -> Source:
