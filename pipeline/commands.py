@@ -117,6 +117,7 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
 )
 @click.option(
     "--worker-timeout",
+    type=click.IntRange(1, 86_400),
     default=120,
     show_default=True,
     help="Seconds a stalled worker may hold up the others before the job stops (--workers) or goes on without "
@@ -250,6 +251,14 @@ def train(
     run_training(config, resume=resume, exist_ok=exist_ok)
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @cli.command()
 @click.argument("run_dir")
 @modes_option(MODES, ("int8",), "Bundle(s) to make (repeatable). A float32 bundle is always made as the reference.")
@@ -262,7 +271,8 @@ def train(
 )
 @click.option(
     "--budget",
-    type=click.FloatRange(0),
+    type=click.FloatRange(0, 100),
+    callback=_finite,
     default=1.0,
     show_default=True,
     help="Largest allowed top-1 drop of an int8 bundle against float32, in points.",
@@ -289,14 +299,6 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
         qat_epochs=qat_epochs,
         num_threads=num_threads,
     )
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    import math
-
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
 
 
 @cli.command()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import reprlib
 from pathlib import Path
 
 import yaml
 
 from serve.errors import PipelineError
-from train.rundir import check_resume
+from train.rundir import check_resume, load_yaml, make_runs_dir, read_settings
 
 # The named configs: `--config fashion_mnist` is configs/fashion_mnist.yaml. They sit at the top of the repository
 # and install as pipeline/configs/ (pyproject.toml maps them there), so a wheel finds them beside this file.
@@ -50,27 +52,22 @@ class ConfigError(PipelineError):
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """`key=value` with the value read as YAML (so 5 is an int, null is None, true is a bool)."""
+    """`key=value` with the value read as YAML (so 5 is an int, 1e-3 a float, null is None, true is a bool)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text}: expected key=value")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip(), load_yaml(value) if value.strip() else None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"--set {text}: not a YAML value ({str(err).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
-    """DEFAULTS, updated by the YAML file at `path`, then by `overrides`; unknown keys are errors."""
+    """DEFAULTS, updated by the YAML file at `path`, then by `overrides`; unknown keys are errors. The file is read
+    as bundles are (a regular file of at most 1 MiB: not a named pipe, a device or a folder)."""
     config = dict(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        _update(config, loaded, str(path))
+        _update(config, read_settings(path, ConfigError), str(path))
     _update(config, overrides or {}, "command line")
     return validate(config)
 
@@ -86,7 +83,9 @@ def train_config(config_path: str | None, overrides: dict, resume: bool = False)
     """The config `pipeline train` runs: a config file (a path or a name in configs/) with the overrides; or,
     to resume, the run's own config.yaml with the overrides, which may not change what defines the run."""
     if not resume:
-        return load_config(config_file_path(config_path), overrides)
+        config = load_config(config_file_path(config_path), overrides)
+        make_runs_dir(config["runs_dir"])  # a file, or a folder no one can write: said now, before any work
+        return config
     where = load_config(None, {key: value for key, value in overrides.items() if key in ("name", "runs_dir")})
     run = Path(where["runs_dir"]) / where["name"]
     config = load_config(run / "config.yaml", overrides)
@@ -102,17 +101,37 @@ def _update(config: dict, values: dict, source: str) -> None:
         config[key] = value
 
 
+# The largest value of each size setting: far above any sensible run, low enough that a typo is refused at once
+# instead of exhausting memory or disk later (one RGB image of input_size 30000 is 10 GB as float32).
+LIMITS = {
+    "input_size": 1024,
+    "epochs": 100_000,
+    "batch_size": 65_536,
+    "keep_checkpoints": 1000,
+    "commit_every": 1_000_000,
+    "max_images_per_class": 1_000_000_000,
+    "seed": 2**32 - 1,  # numpy's seeds
+}
+MAX_WIDTH = 8.0
+
+# Values in error messages: a YAML alias can make a value of millions of elements in a few bytes.
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 200
+_short.maxlevel = 3
+
+
 def validate(config: dict) -> dict:
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}={config[key]!r}: {what}")
+            raise ConfigError(f"{key}={_short.repr(config[key])}: {what}")
 
     if isinstance(config["model"], str):
         config["model"] = config["model"].replace("-", "_")  # efficientnet-lite0, as the model is usually spelt
-    positive_ints = ["input_size", "epochs", "batch_size", "keep_checkpoints", "commit_every"]
-    for key in positive_ints:
-        need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
-    need(config["channels"] in (1, 3), "channels", "must be 1 or 3")
+    for key in ("input_size", "epochs", "batch_size", "keep_checkpoints", "commit_every"):
+        need(
+            _is_int(config[key]) and 1 <= config[key] <= LIMITS[key], key, f"must be an integer from 1 to {LIMITS[key]}"
+        )
+    need(config["channels"] in (1, 3) and not isinstance(config["channels"], bool), "channels", "must be 1 or 3")
     need(
         config["model"] in ("small_cnn", "mobilenet_v2", "efficientnet_lite0"),
         "model",
@@ -125,7 +144,7 @@ def validate(config: dict) -> dict:
         "only efficientnet_lite0 has pretrained weights",
     )
     need(
-        isinstance(config["fine_tune_blocks"], int) and 0 <= config["fine_tune_blocks"] <= 16,
+        _is_int(config["fine_tune_blocks"]) and 0 <= config["fine_tune_blocks"] <= 16,
         "fine_tune_blocks",
         "must be an integer from 0 to 16",
     )
@@ -137,19 +156,36 @@ def validate(config: dict) -> dict:
         "val_fraction",
         "must be between 0 and 1",
     )
-    for key in ("width", "learning_rate"):
-        need(_is_number(config[key]) and config[key] > 0, key, "must be a positive number")
+    need(
+        _is_number(config["learning_rate"]) and config["learning_rate"] > 0,
+        "learning_rate",
+        "must be a finite number above 0",
+    )
+    need(
+        _is_number(config["width"]) and 0 < config["width"] <= MAX_WIDTH,
+        "width",
+        f"must be a number above 0, at most {MAX_WIDTH:g}",
+    )
     for key in ("dropout", "label_smoothing"):
         need(_is_number(config[key]) and 0 <= config[key] < 1, key, "must be in [0, 1)")
+    limit = LIMITS["max_images_per_class"]
     need(
         config["max_images_per_class"] is None
-        or (isinstance(config["max_images_per_class"], int) and config["max_images_per_class"] > 1),
+        or (_is_int(config["max_images_per_class"]) and 1 < config["max_images_per_class"] <= limit),
         "max_images_per_class",
-        "must be null or an integer > 1",
+        f"must be null or an integer from 2 to {limit}",
     )
-    need(isinstance(config["seed"], int), "seed", "must be an integer")
+    need(
+        _is_int(config["seed"]) and 0 <= config["seed"] <= LIMITS["seed"],
+        "seed",
+        f"must be an integer from 0 to {LIMITS['seed']}",
+    )
     need(config["compression"] in ("fp16", "none"), "compression", "must be fp16 or none")
-    need(_is_number(config["warmup_epochs"]) and config["warmup_epochs"] >= 0, "warmup_epochs", "must be a number >= 0")
+    need(
+        _is_number(config["warmup_epochs"]) and config["warmup_epochs"] >= 0,
+        "warmup_epochs",
+        "must be a finite number >= 0",
+    )
     need(isinstance(config["mixed_precision"], bool), "mixed_precision", "must be true or false")
     need(isinstance(config["augment"], bool), "augment", "must be true or false")
     need(
@@ -176,8 +212,19 @@ def validate(config: dict) -> dict:
     return config
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float that is a finite float: inf passes `> 0`, and 10**400 (YAML's ints have no limit)
+    cannot become a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def inside_runs_dir(name: object, runs_dir: str) -> bool:

@@ -23,7 +23,7 @@ from quantize.metadata import embed_metadata
 from quantize.tflite_internals import check_version
 from serve.classifier import Classifier
 from serve.errors import PipelineError
-from serve.files import write_atomic
+from serve.files import MiB, read_regular_file, write_atomic
 
 BUNDLE_FORMAT_VERSION = 1
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
@@ -108,10 +108,13 @@ def export_bundles(
 
 
 def _read_run(run: Path) -> tuple[dict, dict]:
-    for name in ("config.yaml", "summary.json", "best.keras"):
+    names = ("config.yaml", "summary.json", "best.keras")
+    for name in names:
         if not (run / name).exists():
             raise QuantizeError(f"{run}: no {name}; train it first (pipeline train) or let it finish")
-    return yaml.safe_load((run / "config.yaml").read_text()), json.loads((run / "summary.json").read_text())
+    # By the regular-file rule, as bundles: a run's file that is a named pipe or a device is refused, not waited on.
+    config, summary = (read_regular_file(str(run / name), 64 * MiB, "a run file", QuantizeError) for name in names[:2])
+    return yaml.safe_load(config), json.loads(summary)
 
 
 def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -> dict:

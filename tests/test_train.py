@@ -85,7 +85,7 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, fragment in [
         (["train", "--data", str(tmp_path / "nowhere"), "--set", f"runs_dir={tmp_path}"], "no such data folder"),
         (["train", "--set", "epochs=zero"], "epochs='zero'"),
-        (["train", "--config", str(tmp_path / "none.yaml")], "no such config file"),
+        (["train", "--config", str(tmp_path / "none.yaml")], "none.yaml: no such file"),
         (["quantize", str(tmp_path)], "not a run directory"),
         (["train", "--name", "never", "--resume", "--set", f"runs_dir={tmp_path}"], "config.yaml"),
     ]:

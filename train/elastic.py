@@ -24,6 +24,7 @@ from horovod.tensorflow.keras import elastic as hvd_elastic
 
 from serve.files import write_atomic
 from train import distributed
+from train.rundir import RUN_FILE_LIMIT, RunFileError, read_text_file
 
 MEMBERSHIP_COLUMNS = ["time", "event", "host", "epoch", "batch", "workers"]
 
@@ -140,13 +141,14 @@ def note_membership(state: TrainingState, run: Path) -> None:
             print(f"worker on {host} {event} at epoch {epoch} batch {batch}: continuing with {workers} {noun}")
     sys.stdout.flush()
     path = run / "membership.csv"
+    before = read_text_file(path, RUN_FILE_LIMIT, "a membership.csv", RunFileError) if os.path.lexists(path) else ""
     text = io.StringIO()
     writer = csv.writer(text)
-    if not path.is_file():
+    if not before:
         writer.writerow(MEMBERSHIP_COLUMNS)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     writer.writerows([stamp, event, host, epoch, batch, workers] for event, host in changes)
-    write_atomic(path, (path.read_text() if path.is_file() else "") + text.getvalue())
+    write_atomic(path, before + text.getvalue())
 
 
 class EpochProgress(keras.callbacks.ProgbarLogger):

@@ -21,13 +21,21 @@ import io
 import json
 import os
 import platform
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 from serve.errors import PipelineError
-from serve.files import write_atomic
+from serve.files import MiB, read_regular_file, write_atomic
 
 CHECKPOINT_PREFIX = "epoch_"
+# The largest YAML config (a --config file, a run's config.yaml) and other run file (metrics.json, data.json with
+# its list of skipped images) read back: far above any real one, far below what would exhaust memory.
+CONFIG_LIMIT = 1 * MiB
+RUN_FILE_LIMIT = 64 * MiB
+_WRITABLE = "set runs_dir to a folder you can write"
 
 
 # What a run is: its data and split, its model and its loss. `--resume` refuses to change these; the others
@@ -56,6 +64,81 @@ class ResumeError(PipelineError):
 
 class RunLockedError(PipelineError):
     """A run directory that another process is training or quantising right now."""
+
+
+class RunFileError(PipelineError):
+    """A run directory, or a file in one, that cannot be used: a runs_dir that is a file, a config.yaml that is
+    a named pipe, a metrics.json that is not JSON."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.safe_load's YAML 1.1, except that 1e-3 and 5E-4 are numbers, as in YAML 1.2 and JSON: a YAML 1.1 float
+    needs a dot and a signed exponent (1.0e-3), so `--set learning_rate=1e-3` was the string '1e-3'."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def load_yaml(text: str) -> object:
+    """`text` read as YAML by YamlLoader: plain data only (safe_load's rules), scientific notation as numbers."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
+def read_settings(path: str | Path, error: type[PipelineError]) -> dict:
+    """The settings in YAML file `path` (a --config file, a run's config.yaml): a mapping, {} for an empty file.
+    Read by the regular-file rule; anything else is `error("<path>: <problem>")`."""
+    text = read_text_file(path, CONFIG_LIMIT, "a YAML config file", error)
+    try:
+        settings = load_yaml(text)
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    except RecursionError:  # lists nested thousands deep: the constructor recurses
+        raise error(f"{path}: not a readable YAML file (nested too deeply)") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise error(f"{path}: expected a mapping of settings")
+    return settings
+
+
+def read_text_file(path: str | Path, limit: int, kind: str, error: type[PipelineError]) -> str:
+    """The UTF-8 text of `path`, a regular file of at most `limit` bytes (serve/files.py's rule for every file
+    read back); else `error("<path>: <problem>")`."""
+    data = read_regular_file(str(path), limit, kind, error)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}), not {kind}") from None
+
+
+def read_run_json(path: Path) -> object:
+    """A JSON file of a run directory (metrics.json, data.json, summary.json), read by the regular-file rule."""
+    text = read_text_file(path, RUN_FILE_LIMIT, "a run's JSON file", RunFileError)
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise RunFileError(f"{path}: not valid JSON ({err})") from None
+
+
+def make_runs_dir(runs_dir: str | Path) -> None:
+    """Create runs_dir (and its parents) unless it exists; one line when it cannot hold runs: a file, a folder
+    under a file, or a folder this process cannot write."""
+    path = Path(runs_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunFileError(f"{path}: runs_dir is a file, not a folder; set runs_dir to a folder") from None
+    except NotADirectoryError:
+        blocker = next((parent for parent in path.parents if parent.is_file()), path.parent)
+        raise RunFileError(f"{path}: runs_dir is under {blocker}, which is a file; set runs_dir to a folder") from None
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot create runs_dir ({err.strerror}); {_WRITABLE}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunFileError(f"{path}: runs_dir is not writable (permission denied); {_WRITABLE}")
 
 
 def run_dir(config: dict) -> Path:
@@ -90,7 +173,7 @@ def versions() -> dict:
 def read_history(run: Path) -> list[dict]:
     """The per-epoch metrics rows written so far (none for a new run)."""
     path = run / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_run_json(path) if os.path.lexists(path) else []
 
 
 def write_history(run: Path, history: list[dict]) -> None:
@@ -114,8 +197,11 @@ def run_lock(run: str | Path, purpose: str) -> Iterator[None]:
     drops the lock when its holder exits, even by kill -9, so a lock is never stale.
     """
     run = Path(run)
-    run.parent.mkdir(parents=True, exist_ok=True)  # runs_dir, for the lock file: the run is about to be written
-    fd = os.open(run.parent / f".{run.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    make_runs_dir(run.parent)  # for the lock file: the run is about to be written
+    try:
+        fd = os.open(run.parent / f".{run.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RunFileError(f"{run.parent}: cannot write the run's lock file ({err.strerror}); {_WRITABLE}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,9 +221,7 @@ def run_lock(run: str | Path, purpose: str) -> Iterator[None]:
 
 def read_config(run: Path) -> dict:
     """The resolved config a run was made with (its config.yaml)."""
-    import yaml
-
-    return yaml.safe_load((run / "config.yaml").read_text())
+    return read_settings(run / "config.yaml", RunFileError)
 
 
 def check_resume(run: str | Path, previous: dict, config: dict) -> None:
