@@ -6,6 +6,7 @@ Real processes throughout: npm installs LiteRT.js, `pipeline serve-web` serves a
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -180,3 +181,105 @@ def test_serve_web_refuses_a_bundle_with_an_open_batch(bundles, litert_js, tmp_p
         f"Error: {old}: its input shape is [-1, 28, 28, 3], with an open (-1) dimension that LiteRT.js refuses; "
         "export the bundle again (pipeline quantize) to fix the batch at 1"
     )
+
+
+def address_of(url: str) -> tuple[str, int]:
+    host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()
+    return host, int(port)
+
+
+def closed_by_the_server(connection: socket.socket) -> bool:
+    """Whether the server has closed `connection` (it never answers a request it has not had in full)."""
+    connection.setblocking(False)
+    try:
+        return connection.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:  # closed with our trickled header lines unread
+        return True
+
+
+def test_slow_clients_delay_no_normal_get_and_are_dropped_at_the_deadline(bundles, litert_js, tmp_path):
+    """200 connections that never finish their request, 100 silent and 100 sending a header line every 2 s, from 20
+    addresses (10 each, within the cap per address): a normal GET answers within 1 s all along, and the server closes
+    every slow one at the whole-request deadline, however it trickles. About 15 s."""
+    from serve.web.server import REQUEST_DEADLINE_SECONDS
+
+    with serve_web(bundles["int8"], log_path=tmp_path / "log") as (url, _):
+        address = address_of(url)
+        slow = [socket.create_connection(address, 5, source_address=(f"127.0.0.{2 + i % 20}", 0)) for i in range(200)]
+        trickling = slow[1::2]
+        for connection in trickling:
+            connection.sendall(b"GET / HTTP/1.1\r\n")
+        opened = time.monotonic()
+        next_line, slowest, answers = opened + 2, 0.0, 0
+        while time.monotonic() < opened + REQUEST_DEADLINE_SECONDS + 2:
+            if time.monotonic() >= next_line:
+                next_line += 2
+                for connection in trickling:
+                    with contextlib.suppress(OSError):  # the server has closed it
+                        connection.sendall(b"X-Slow: 1\r\n")
+            started = time.monotonic()
+            assert json.loads(urllib.request.urlopen(url + "labels.json", timeout=5).read())
+            slowest = max(slowest, time.monotonic() - started)
+            answers += 1
+            time.sleep(0.2)
+        still_open = [i for i, connection in enumerate(slow) if not closed_by_the_server(connection)]
+        for connection in slow:
+            connection.close()
+    assert slowest < 1 and answers > 20, (slowest, answers)
+    assert not still_open, f"{len(still_open)} slow connections still open after the deadline"
+
+
+def test_one_address_holds_at_most_its_share_of_connections(bundles, litert_js, tmp_path):
+    from serve.web.server import MAX_CONNECTIONS_PER_CLIENT
+
+    with serve_web(bundles["int8"], log_path=tmp_path / "log") as (url, _):
+        address, client = address_of(url), ("127.0.0.7", 0)
+        held = [socket.create_connection(address, 5, source_address=client) for _ in range(MAX_CONNECTIONS_PER_CLIENT)]
+        with socket.create_connection(address, 5, source_address=client) as one_more:
+            one_more.settimeout(2)
+            assert one_more.recv(1) == b""  # closed at once, not held
+        assert not any(closed_by_the_server(connection) for connection in held)
+        assert urllib.request.urlopen(url + "labels.json", timeout=5).read()  # other addresses are served
+        for connection in held:
+            connection.close()
+        deadline = time.monotonic() + 5
+        while True:  # the server counts the address's connections down as it sees them go
+            connection = http.client.HTTPConnection(*address, timeout=5, source_address=client)
+            try:
+                connection.request("GET", "/labels.json")
+                assert connection.getresponse().status == 200
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, "the address's closed connections were never counted down"
+                time.sleep(0.1)
+            finally:
+                connection.close()
+
+
+def test_a_port_in_use_is_one_line(bundles, litert_js):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [*PIPELINE, "serve-web", "-m", str(bundles["int8"]), "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+BAD_PATHS = [b"/a%00b", b"/a\x00b", b"/%ff", b"/\xff.js", b"/%c3%28", b"/%0d%0aSet-Cookie:%20x", b"/%7f"]
+BAD_PATHS += [b"/node_modules/@litertjs/core%00/dist/index.js", b"/node_modules/@litertjs/%e9"]
+
+
+def test_bad_bytes_in_a_path_are_a_400_and_the_server_keeps_serving(bundles, litert_js, tmp_path):
+    log_path = tmp_path / "log"
+    with serve_web(bundles["int8"], log_path=log_path) as (url, _):
+        for path in BAD_PATHS:
+            with socket.create_connection(address_of(url), timeout=5) as connection:
+                connection.sendall(b"GET " + path + b" HTTP/1.0\r\n\r\n")
+                answer = connection.makefile("rb").read()
+            assert answer.startswith(b"HTTP/1.0 400 "), (path, answer[:100])
+        assert json.loads(urllib.request.urlopen(url + "labels.json", timeout=5).read())
+        escaped = urllib.request.urlopen(url + "node_modules/@litertjs/core/dist/index%2Ejs", timeout=5).read()
+    assert escaped == (WEB_DIR / "node_modules" / "@litertjs" / "core" / "dist" / "index.js").read_bytes()
+    assert "Traceback" not in log_path.read_text() and "serve-web:" not in log_path.read_text()
