@@ -196,6 +196,7 @@ class Classifier:
             raise ValueError("expected a batch of at least one image")
         batch = np.ascontiguousarray(self._to_input(pixels))
         with self._lock:
+            self._check_open()
             if self._batchable and len(batch) > 1:
                 try:
                     return self.dequantize(self._invoke(batch))
@@ -220,6 +221,22 @@ class Classifier:
         if raw.size != len(batch) * self.num_classes:
             raise ValueError(f"output of shape {raw.shape} for {len(batch)} images")
         return raw.reshape(len(batch), self.num_classes).copy()
+
+    def close(self) -> None:
+        """Release the interpreter and its memory (waiting for a call in progress); classifying afterwards raises
+        ValueError. Closing again does nothing."""
+        with self._lock:
+            self._interpreter = None
+
+    def _check_open(self) -> None:
+        if self._interpreter is None:
+            raise ValueError(f"{self.model_path}: the classifier is closed")
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def top_k(self, scores: np.ndarray, k: int = 5) -> list[Prediction]:
         """The k best of one row of scores, best first (ties keep the lower index first)."""
@@ -256,6 +273,7 @@ class Classifier:
         batch holds at most `batch_size` images, and fewer of large ones (BATCH_BYTES)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self._check_open()  # before any image is decoded
         shape = (self.height, self.width, self.channels)
         batch_size = min(batch_size, BATCH_BYTES // math.prod(shape))
         chunk_size = max(1, min(batch_size, math.ceil(len(images) / max(jobs, 1))))

@@ -8,6 +8,7 @@ Normalisation is not here: it is a layer inside every model, so every client fee
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -36,10 +37,52 @@ T = TypeVar("T")
 R = TypeVar("R")
 # catch_warnings swaps the process's warning filters: threads decoding at once take turns opening with it.
 _OPEN_LOCK = threading.Lock()
+# The pixels that threads decode at once, in all: Pillow's default limit for one image, so that decoding in threads
+# takes no more memory than one image at that limit does (~0.4 GB for a 1-bit PNG, in its 8-bit copies).
+DECODE_BUDGET_PIXELS = 89_478_485
+# Pillow allocates a large image in blocks of 16 MiB, which glibc's malloc serves from a per-thread arena once one
+# has been freed: each decoding thread then keeps its largest image's memory after use (four threads held 1.2 GB
+# where one 9000x9000 PNG takes 0.4 GB). Blocks above glibc's 32 MiB mmap threshold go back to the system when freed.
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(64 * MiB)
 
 
-def _open(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
-    """Return a decoded PIL image and the name to use in error messages."""
+class PixelBudget:
+    """Decoded pixels shared by threads: a decode that would take more than what is left waits for others to end.
+    An image larger than the whole budget (Pillow's limit raised) waits to decode alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Callable[[int], None]]:
+        """A function that takes pixels from the budget (waiting for them), all given back at the block's end."""
+        taken = 0
+
+        def take(pixels: int) -> None:
+            nonlocal taken
+            with self._changed:
+                self._changed.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+                self.in_use += pixels
+                taken += pixels
+
+        try:
+            yield take
+        finally:
+            if taken:
+                with self._changed:
+                    self.in_use -= taken
+                    self._changed.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def _open(source: ImageSource, draft_side: int, take: Callable[[int], None]) -> tuple[Image.Image, str]:
+    """Return a decoded PIL image and the name to use in error messages. `take(pixels)` is called before a file
+    or bytes is decoded, with the pixels it will decode."""
     if isinstance(source, Image.Image):
         return source, "<image>"
     if isinstance(source, np.ndarray):
@@ -47,12 +90,20 @@ def _open(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageError("<bytes>: empty image data")
-        return _decode(bytes(source), "<bytes>", draft_side), "<bytes>"
-    name = os.fspath(source)
-    data = read_regular_file(name, MAX_IMAGE_BYTES, "an image", ImageError)
+        return _decode(bytes(source), "<bytes>", draft_side, take), "<bytes>"
+    try:
+        name = os.fsdecode(source)
+    except TypeError:
+        raise ImageError(
+            f"<{type(source).__name__}>: not an image (give a path, bytes, a PIL image or a uint8 array)"
+        ) from None
+    try:
+        data = read_regular_file(name, MAX_IMAGE_BYTES, "an image", ImageError)
+    except ValueError as err:  # a NUL byte, or a surrogate no file name can hold
+        raise ImageError(f"{name}: not a possible file name ({err})") from None
     if not data:
         raise ImageError(f"{name}: empty file")
-    return _decode(data, name, draft_side), name
+    return _decode(data, name, draft_side, take), name
 
 
 def _png_damage(data: bytes) -> str | None:
@@ -96,7 +147,7 @@ def _open_image(data: bytes, name: str) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def _decode(data: bytes, name: str, draft_side: int) -> Image.Image:
+def _decode(data: bytes, name: str, draft_side: int, take: Callable[[int], None]) -> Image.Image:
     try:
         image = _open_image(data, name)
         if image.format == "PNG" and (damage := _png_damage(data)):
@@ -105,6 +156,7 @@ def _decode(data: bytes, name: str, draft_side: int) -> Image.Image:
             # Let libjpeg decode at a reduced scale when the photo is much larger than the input.
             # Square, because EXIF rotation may still swap width and height.
             image.draft(image.mode, (draft_side, draft_side))
+        take(image.width * image.height)
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: image too large to decode safely ({err})") from None
@@ -142,10 +194,19 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
 
 
-def decode(source: ImageSource, draft_side: int) -> tuple[Image.Image, str]:
+def _take_nothing(pixels: int) -> None:
+    """`decode`'s `take` when no budget is kept."""
+
+
+def decode(
+    source: ImageSource, draft_side: int, take: Callable[[int], None] = _take_nothing
+) -> tuple[Image.Image, str]:
     """The picture upright and in 8 bits (L, RGB or RGBA), before colour conversion and resizing, with the
-    name to use in error messages. JPEGs may be decoded at a reduced scale no smaller than `draft_side`."""
-    image, name = _open(source, draft_side)
+    name to use in error messages. JPEGs may be decoded at a reduced scale no smaller than `draft_side`.
+    `take(pixels)` is called before a file or bytes is decoded (a PixelBudget's, say); by default nothing waits."""
+    image, name = _open(source, draft_side, take)
+    if not image.width or not image.height:
+        raise ImageError(f"{name}: empty image ({image.width}x{image.height} pixels)")
     if "exif" in image.info or image.format == "TIFF":  # checked first: reading EXIF costs imports
         from PIL import ImageOps
 
@@ -160,9 +221,18 @@ def to_pixels(source: ImageSource, height: int, width: int, channels: int) -> np
     """Decode `source` and return a (height, width, channels) uint8 array ready for the model.
 
     `source` is a path, encoded bytes, a PIL image or a uint8 array. Raises ImageError with a
-    one-line message naming the file when it cannot be used.
+    one-line message naming the file when it cannot be used. Threads decode files and bytes within
+    DECODE_BUDGET: one that would exceed it waits until others are done.
     """
-    image, name = decode(source, draft_side=max(height, width))
+    with DECODE_BUDGET.held() as take:
+        # In a function of its own: the large decoded images are gone when it returns, before the budget is.
+        return _model_input(source, height, width, channels, take)
+
+
+def _model_input(
+    source: ImageSource, height: int, width: int, channels: int, take: Callable[[int], None]
+) -> np.ndarray:
+    image, name = decode(source, max(height, width), take)
     if image.mode == "RGBA":
         canvas = Image.new("RGB", image.size, BACKGROUND)
         canvas.paste(image, mask=image.getchannel("A"))
@@ -194,7 +264,9 @@ def pixels_in_chunks(
             try:
                 chunk.append(to_pixels(source, height, width, channels))
             except ImageError as err:
-                chunk.append(err)
+                # Kept without its frames or the error behind it, which would keep the decoded image alive.
+                err.__context__ = None
+                chunk.append(err.with_traceback(None))
         return chunk
 
     if jobs <= 1 or len(starts) <= 1:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from serve import ImageError, to_pixels
+from serve.preprocess import PixelBudget
 from tests.conftest import ODDITIES
 
 BAD = {
@@ -112,3 +114,27 @@ def test_special_and_oversized_image_files_are_refused_unread(tmp_path):
             to_pixels(path, 8, 8, 3)
     with pytest.raises(ImageError, match="larger than 256 MiB, too large for an image"):
         to_pixels(huge, 8, 8, 3)
+
+
+def test_a_decode_waits_while_other_threads_hold_the_pixel_budget():
+    budget = PixelBudget(100)
+    order = []
+
+    def second() -> None:
+        with budget.held() as take:
+            take(50)
+            order.append("second decodes")
+
+    with budget.held() as take:
+        take(80)
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and budget.in_use == 80  # 80 + 50 is over the budget: it waits
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second decodes"] and budget.in_use == 0
+    with budget.held() as take:
+        take(500)  # more than the whole budget (Pillow's limit raised): it decodes alone
+        assert budget.in_use == 500
+    assert budget.in_use == 0

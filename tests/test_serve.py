@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve import BundleError, Classifier
+from serve import BundleError, Classifier, ImageError
 from serve.bundle import CHECKSUM_METADATA_NAME, SMALL_BUNDLE_BYTES, read_bundle_metadata, read_model_file
 from serve.tflite_flatbuffer import read_model_metadata
 from tests.conftest import PIPELINE, ROOT, run_pipeline
@@ -532,3 +532,91 @@ def test_atomic_write_that_fails_keeps_the_old_file(tmp_path):
         raise RuntimeError("the writer failed")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["report.json"]
+
+
+# Issue 19: hostile input to the Classifier.
+
+
+def test_an_image_of_no_pixels_is_an_image_error(bundles, fmnist_images):
+    classifier = Classifier(bundles["int8"])
+    empty = {"<array>": np.zeros((0, 0, 3), np.uint8), "<image>": Image.new("RGB", (0, 0))}
+    for name, source in empty.items():
+        with pytest.raises(ImageError, match=rf"^{name}: empty image \(0x0 pixels\)$"):
+            classifier.classify(source)
+    with pytest.raises(ImageError, match=r"^<array>: empty image \(0x5 pixels\)$"):
+        classifier.classify(np.zeros((5, 0), np.uint8))
+    results = list(classifier.classify_many([fmnist_images[0], np.zeros((0, 0), np.uint8), fmnist_images[1]]))
+    assert isinstance(results[1], ImageError) and results[0] == classifier.classify(fmnist_images[0])
+
+
+def test_bad_paths_in_classify_many_are_errors_of_their_own(bundles, fmnist_images, tmp_path):
+    classifier = Classifier(bundles["int8"])
+    bad = {
+        "a\0b.png": "a\0b.png: not a possible file name (embedded null byte)",
+        "\ud800.png": "\ud800.png: not a possible file name (",
+        "x" * 5000 + ".png": "x" * 5000 + ".png: cannot read (File name too long)",
+        3: "<int>: not an image (give a path, bytes, a PIL image or a uint8 array)",
+        None: "<NoneType>: not an image (",
+        str(tmp_path / "missing.png"): f"{tmp_path / 'missing.png'}: no such file",
+    }
+    sources = [fmnist_images[0], *bad, fmnist_images[1]]
+    for jobs in (1, 3):
+        results = list(classifier.classify_many(sources, jobs=jobs, batch_size=2))
+        assert len(results) == len(sources)
+        assert results[0] == classifier.classify(fmnist_images[0]) and results[-1] == classifier.classify(sources[-1])
+        for result, message in zip(results[1:-1], bad.values()):
+            assert isinstance(result, ImageError) and str(result).startswith(message), (result, message)
+
+
+# The peak is VmHWM, this process's own: ru_maxrss carries the parent's peak over exec (pytest's, with TensorFlow).
+HUGE_DECODES = """
+import json, re, sys
+from PIL import Image
+from serve import Classifier
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s*(\\d+) kB", status.read()).group(1))
+bundle, image, count, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+classifier = Classifier(bundle)
+classifier.classify(Image.new("RGB", (28, 28)))  # everything but the large decodes loaded
+before = peak_kib()
+results = list(classifier.classify_many([image] * count, jobs=jobs))
+grew = peak_kib() - before
+print(json.dumps({"grew_mib": grew / 1024, "classified": sum(isinstance(r, list) for r in results)}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="needs procfs")
+def test_decoding_threads_share_one_memory_budget(bundles, tmp_path):
+    """Four 9000x9000 1-bit PNGs (81 million pixels each, within Pillow's limit) in four decoding threads raise the
+    peak memory little more than one alone (~0.3 GB): threads decode at most Pillow's limit of pixels at once, and
+    free it for the next. Unbounded, each thread held its own 0.3 GB, and glibc's malloc kept it after use."""
+    big = tmp_path / "big.png"
+    Image.new("1", (9000, 9000)).save(big)
+
+    def peak(count: int, jobs: int) -> dict:
+        command = [sys.executable, "-c", HUGE_DECODES, str(bundles["int8"]), str(big), str(count), str(jobs)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    one, four = peak(1, 1), peak(4, 4)
+    assert one["classified"] == 1 and four["classified"] == 4
+    assert one["grew_mib"] > 200, (one, four)  # the decode is as large as it should be
+    assert four["grew_mib"] < 1.5 * one["grew_mib"], (one, four)
+
+
+def test_a_closed_classifier_refuses_work_and_with_closes_it(bundles, fmnist_images):
+    with Classifier(bundles["int8"]) as classifier:
+        expected = classifier.classify(fmnist_images[0])
+    assert classifier._interpreter is None  # the interpreter and its memory are released
+    closed = rf"^{re.escape(str(bundles['int8']))}: the classifier is closed$"
+    with pytest.raises(ValueError, match=closed):
+        classifier.classify(fmnist_images[0])
+    with pytest.raises(ValueError, match=closed):
+        next(classifier.classify_many(fmnist_images))
+    with pytest.raises(ValueError, match=closed):
+        classifier.predict(np.zeros((1, 28, 28, 3), np.uint8))
+    classifier.close()  # again: nothing happens
+    assert classifier.preprocess(fmnist_images[0]).shape == (28, 28, 3)  # no interpreter needed
+    assert Classifier(bundles["int8"]).classify(fmnist_images[0]) == expected
