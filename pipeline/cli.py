@@ -16,7 +16,10 @@ from serve.errors import PipelineError
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once, even in a pipe or a log
+    # Progress lines show up at once, even in a pipe or a log. What the output's encoding cannot hold (a label in
+    # Greek under PYTHONIOENCODING=ascii) is printed escaped rather than stopping the output.
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    sys.stderr.reconfigure(errors="backslashreplace")
     try:
         if sys.argv[1:2] == ["label"]:
             from pipeline.label import label_images, parse_label_args
@@ -58,8 +61,18 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
     0x2028: "\\u2028",
     0x2029: "\\u2029",
 }
+# A file name's bytes that are not UTF-8 reach Python as the surrogates U+DC80..U+DCFF (surrogateescape), which no
+# output encoding can hold: each is printed as the byte it stands for, \xff.
+_UNDECODABLE = {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)}
+_ESCAPES |= _UNDECODABLE
 
 
 def printable(text: str) -> str:
-    """`text` with C0 and C1 control characters, DEL and the Unicode line separators escaped, as \\n or \\x1b."""
+    """`text` with C0 and C1 control characters, DEL and the Unicode line separators escaped, as \\n or \\x1b,
+    and the undecodable bytes of a file name as \\xff."""
     return text.translate(_ESCAPES)
+
+
+def unicode_text(text: str) -> str:
+    """`text` with the undecodable bytes of a file name as \\xff: text that UTF-8, and so JSON, can hold."""
+    return text.translate(_UNDECODABLE)

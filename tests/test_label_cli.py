@@ -16,8 +16,9 @@ import pytest
 
 from pipeline.label import parse_label_args
 from serve import Classifier, ImageError
+from serve.bundle import read_bundle_metadata, read_model_file
 from tests.conftest import PIPELINE, ROOT
-from tests.test_serve import LINE, run_label
+from tests.test_serve import LINE, resigned, run_label
 
 
 def blocks(stdout: str) -> list[tuple[str, list[str]]]:
@@ -265,3 +266,53 @@ def test_a_file_longer_than_its_stated_size_is_read_to_the_end_and_cut_at_the_li
     assert data.startswith(b"Name:") and data.endswith(b"\n") and len(data) > 100
     with pytest.raises(PipelineError, match="too large for a status file"):
         read_regular_file("/proc/self/status", 50, "a status file", PipelineError)
+
+
+def run_label_in(environment: dict[str, str], *args: str | bytes) -> subprocess.CompletedProcess:
+    """`pipeline label ARGS` with the locale and output encoding of `environment` only; output as bytes."""
+    settings = ("PYTHONIOENCODING", "PYTHONUTF8", "LANG", "LC_ALL", "LC_CTYPE")
+    env = {key: value for key, value in os.environ.items() if key not in settings} | environment
+    return subprocess.run([*PIPELINE, "label", *args], cwd=ROOT, env=env, capture_output=True, timeout=60)
+
+
+ENCODINGS = {"utf-8": {"PYTHONIOENCODING": "utf-8"}, "ascii": {"PYTHONIOENCODING": "ascii"}, "C": {"LANG": "C"}}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_names_that_are_not_utf8_are_labelled_and_printed_escaped(bundles, fmnist_images, tmp_path, encoding):
+    """A file or folder name is any bytes: every image is labelled and named, a byte that is not UTF-8 as \\xff,
+    whatever the output's encoding; --json stays JSON in UTF-8 (no lone surrogates)."""
+    root = os.fsencode(tmp_path)
+    os.mkdir(root + b"/photos\xfe")
+    files = [root + b"/photos\xfe/a.png", root + b"/photos\xfe/x\xff.png", root + b"/caf\xe9.png"]
+    for source, path in zip(fmnist_images, files):
+        shutil.copy(source, path)
+    shown = [f"{tmp_path}/photos\\xfe/a.png", f"{tmp_path}/photos\\xfe/x\\xff.png", f"{tmp_path}/caf\\xe9.png"]
+    gone = f"{tmp_path}/gone\\xff.png"
+    args = [root + b"/photos\xfe", files[2], root + b"/gone\xff.png", "-m", str(bundles["int8"]), "-k", "2"]
+    classifier = Classifier(bundles["int8"])
+    ranked = [classifier.classify(os.fsdecode(path), 2) for path in files]
+
+    result = run_label_in(ENCODINGS[encoding], *args)
+    assert result.returncode == 1
+    expected = [
+        f"{name}:\n" + "".join(f"{p.label} ({p.index}): {p.score:.6f}\n" for p in top)
+        for name, top in zip(shown, ranked)
+    ]
+    assert result.stdout.decode("ascii") == "".join(expected)
+    assert result.stderr.decode("ascii") == f"Error: {gone}: no such file\n"
+
+    result = run_label_in(ENCODINGS[encoding], *args, "--json")
+    records = [json.loads(line) for line in result.stdout.decode("ascii").splitlines()]
+    assert [record["image"] for record in records] == [*shown, gone]
+    assert [record["predictions"] for record in records[:3]] == [[p._asdict() for p in top] for top in ranked]
+    assert records[3]["error"] == f"{gone}: no such file" and result.stderr == b""
+
+
+def test_labels_the_output_encoding_cannot_hold_are_printed_escaped(bundles, fmnist_images, tmp_path):
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": ["Café", "靴", *metadata["labels"][2:]]})
+    result = run_label_in({"PYTHONIOENCODING": "ascii"}, str(fmnist_images[0]), "-m", str(edited), "-k", "10")
+    assert result.returncode == 0 and result.stderr == b""
+    labels = [LINE.match(line)["label"] for line in result.stdout.decode("ascii").splitlines()]
+    assert sorted(labels) == sorted(["Caf\\xe9", "\\u9774", *metadata["labels"][2:]])
