@@ -15,6 +15,7 @@ import click
 
 from pipeline.label import newest_bundle
 from quantize import MODES
+from serve.bundle import MAX_NUM_THREADS
 
 
 def run() -> None:
@@ -50,10 +51,10 @@ def cli() -> None:
 model_file_option = click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
 latency_threads_option = click.option(
     "--num-threads",
-    type=click.IntRange(1),
+    type=click.IntRange(1, MAX_NUM_THREADS),
     default=1,
     show_default=True,
-    help="Interpreter threads for the latency figures.",
+    help="Interpreter threads for the latency figures (at most 4 per core).",
 )
 
 
@@ -327,7 +328,9 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
     callback=_finite,
     help="Float models: divide pixels by this, > 0 (bundles: 1).",
 )
-@click.option("--num_threads", type=click.IntRange(min=1), help="Interpreter threads.")
+@click.option(
+    "--num_threads", type=click.IntRange(1, MAX_NUM_THREADS), help="Interpreter threads (at most 4 per core)."
+)
 @click.option(
     "-j",
     "--jobs",

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from serve.bundle import MAX_NUM_THREADS
 from serve.errors import PipelineError
 
 # More images than this, with stderr a terminal: a progress line on stderr.
@@ -31,6 +32,11 @@ def _int_at_least_one(text: str) -> int | None:
     except ValueError:
         return None
     return value if value >= 1 else None
+
+
+def _num_threads(text: str) -> int | None:
+    value = _int_at_least_one(text)
+    return value if value is not None and value <= MAX_NUM_THREADS else None
 
 
 def _finite(text: str) -> float | None:
@@ -59,7 +65,7 @@ _VALUE_OPTIONS = {
     "--top_k": ("top_k", _int_at_least_one),
     "--input_mean": ("input_mean", _finite),
     "--input_std": ("input_std", _positive_finite),
-    "--num_threads": ("num_threads", _int_at_least_one),
+    "--num_threads": ("num_threads", _num_threads),
     "-j": ("jobs", _int_at_least_one),
     "--jobs": ("jobs", _int_at_least_one),
 }

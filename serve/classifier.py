@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from serve.bundle import check_model, read_bundle_metadata, read_labels, read_model_file
+from serve.bundle import MAX_NUM_THREADS, check_model, read_bundle_metadata, read_labels, read_model_file
 from serve.errors import BundleError, ImageError
 from serve.preprocess import ImageSource, pixels_in_chunks, to_pixels
 from serve.quiet import LITERT_INFO_LINE, stderr_without
@@ -52,8 +52,8 @@ class Classifier:
         *,
         verify_checksum: bool = True,
     ) -> None:
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be at least 1, not {num_threads}")
+        if num_threads is not None and not (isinstance(num_threads, int) and 1 <= num_threads <= MAX_NUM_THREADS):
+            raise ValueError(f"num_threads must be a whole number from 1 to {MAX_NUM_THREADS}, not {num_threads!r}")
         if input_mean is not None and not math.isfinite(input_mean):
             raise ValueError(f"input_mean must be a finite number, not {input_mean}")
         if input_std is not None and not (math.isfinite(input_std) and input_std > 0):
@@ -71,9 +71,9 @@ class Classifier:
             with stderr_without(LITERT_INFO_LINE.__eq__):
                 self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
                 self._interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as err:
+            self._check_model()
+        except (ValueError, RuntimeError) as err:  # UnicodeDecodeError too, should a name get past check_model
             raise BundleError(f"{self.model_path}: cannot load model ({_first_line(err)})") from None
-        self._check_model()
         # Bundles take raw 0..255 pixels (normalisation is inside the model).
         plain = self.metadata is None
         self.input_mean = input_mean if input_mean is not None else (LABEL_IMAGE_MEAN if plain else 0.0)
