@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import LIMITS, ConfigError, load_config, parse_override
-from tests.conftest import PIPELINE, ROOT
+from tests.conftest import PIPELINE, ROOT, run_pipeline
+from tests.test_run_safety import TINY
 
 FLOAT_SETTINGS = ["learning_rate", "width", "dropout", "label_smoothing", "warmup_epochs", "val_fraction"]
 
@@ -123,3 +124,23 @@ def test_runs_dir_that_cannot_hold_runs_is_one_line(tmp_path):
         line = one_line_error(pipeline("train", "--set", f"runs_dir={runs_dir}"))
         assert line.startswith(f"Error: {problem}"), line
     assert a_file.read_text() == "root:x:0:0\n"
+
+
+@pytest.mark.slow
+def test_run_files_read_back_on_resume_and_by_quantize_are_refused_when_not_regular(tmp_path):
+    run_pipeline("train", "--name", "exp", "--set", f"runs_dir={tmp_path}", *TINY)
+    run = tmp_path / "exp"
+    for name, kind in [
+        ("data.json", "a run's JSON file"),
+        ("metrics.json", "a run's JSON file"),
+        ("summary.json", "a run file"),
+    ]:
+        (run / name).rename(run / f"{name}.kept")
+        os.mkfifo(run / name)
+        if name == "summary.json":
+            result = pipeline("quantize", str(run), "--calibration-images", "20", timeout=120)
+        else:
+            result = pipeline("train", "--name", "exp", "--set", f"runs_dir={tmp_path}", "--resume", "--epochs", "2")
+        assert one_line_error(result) == f"Error: {run / name}: is a named pipe, not {kind}", name
+        (run / name).unlink()
+        (run / f"{name}.kept").rename(run / name)

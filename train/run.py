@@ -28,6 +28,7 @@ from train.rundir import (
     checkpoints,
     read_config,
     read_history,
+    read_run_json,
     run_dir,
     run_lock,
     versions,
@@ -198,7 +199,7 @@ def _open(run: Path, config: dict, start_epoch: int, checkpoint: tf.train.Checkp
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         return []
-    previous = yaml.safe_load((run / "config.yaml").read_text())
+    previous = read_config(run)
     _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
     print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
     return [row for row in read_history(run) if row["epoch"] <= start_epoch]
@@ -298,7 +299,10 @@ def _start_epoch(run: Path, config: dict, resume: bool, exist_ok: bool) -> int:
 
 def _check_same_data(run: Path, data: Dataset) -> None:
     """A resumed run must train on the images it started with: the same settings may name changed files."""
-    started = json.loads((run / "data.json").read_text())["fingerprint"]
+    started = read_run_json(run / "data.json")
+    started = started.get("fingerprint") if isinstance(started, dict) else None
+    if not isinstance(started, str):
+        raise RunError(f"{run / 'data.json'}: no data fingerprint; start a new run with --name")
     if started != data.fingerprint:
         raise RunError(
             f"{run}: --resume cannot change the data ({data.source} changed since the run started: fingerprint "
