@@ -142,6 +142,23 @@ class MetricAverage(keras.callbacks.Callback):
                 logs[name] = float(hvd.allreduce(value, op=hvd.Average, name=f"metric.{name}"))
 
 
+def average(value: float, name: str) -> float:
+    """The mean of every worker's `value` (in float64: float32 losses near their largest must not overflow);
+    alone, `value`. A collective: every worker calls it at the same point, with the same `name`."""
+    return _allreduce(value, "Average", name)
+
+
+def minimum(value: float, name: str) -> float:
+    """The least of every worker's `value`; alone, `value`. A collective, as `average`."""
+    return _allreduce(value, "Min", name)
+
+
+def _allreduce(value: float, op: str, name: str) -> float:
+    if size() == 1:
+        return value
+    return float(hvd.allreduce(tf.constant(value, tf.float64), op=getattr(hvd, op), name=name))
+
+
 def allreduce_bytes_per_step(model, compression: str) -> int:
     """Bytes each worker sends into the allreduce per step: one value per trainable weight (none alone)."""
     if size() == 1:
