@@ -21,6 +21,7 @@ from quantize.tflite_internals import (
     graph_ops,
     quantize_calibrated,
     softmax_in_float,
+    weights_stored_int8,
 )
 from serve.quiet import ABSL_UNINITIALIZED_LINE, LITERT_INFO_LINE, stderr_without
 
@@ -50,10 +51,11 @@ CONVERTER_NOISE = re.compile(
 
 def to_tflite(model, mode: str, calibration: Images | None = None) -> bytes:
     """Convert `model` (a QAT model for mode "qat"), which ends in a softmax. Integer modes take uint8 pixels,
-    run int8 inside and return float32 scores (the softmax in float on the dequantized int8 logits: an int8
-    softmax would give scores in steps of 1/256, and ties); `calibration` (uint8 images) sets the activation
-    ranges. Post-training int8 that changes float's top-1 class on too many calibration images keeps its most
-    sensitive layers in float (see `post_training_int8`). The converter's CONVERTER_NOISE stays off stderr."""
+    run int8 inside and return float32 scores; `calibration` (uint8 images) sets the activation ranges.
+    Post-training int8 keeps the layers that read the image and the classifier's last layer in float (see
+    `post_training_int8`), and, when it changes float's top-1 class on too many calibration images, its most
+    sensitive layers too. QAT runs its softmax in float on the dequantized int8 logits. The converter's
+    CONVERTER_NOISE stays off stderr."""
     with stderr_without(CONVERTER_NOISE.fullmatch), warnings.catch_warnings():
         # Our uint8 input takes raw pixels: there are no input statistics to give.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
@@ -110,40 +112,77 @@ MIN_INSIDE_CLAMP = 0.25
 
 
 def post_training_int8(model, calibration: Images, agreement_target: float = AGREEMENT_TARGET) -> bytes:
-    """Full-integer `model` (uint8 in, float scores out), its weights rounded with bias correction. When it picks
-    float's top-1 class on fewer than `agreement_target` of the calibration images, it is made again by
-    `high_fidelity_int8` (0: never)."""
+    """`model` in integer ops (uint8 in, float scores out), its weights rounded with bias correction, except the
+    layers that read the image and the classifier's last layer (see `int8_graph`). When it picks float's top-1 class
+    on fewer than `agreement_target` of the calibration images, it is made again by `high_fidelity_int8` (0:
+    never)."""
     corrected = calibrate_only(_integer_converter(bias_corrected(model, calibration), calibration))
-    flat = softmax_in_float(quantize_calibrated(corrected))
+    original = calibrate_only(_integer_converter(model, calibration))
+    image_side = image_side_ops(graph_ops(corrected))
+    flat = int8_graph(corrected, original, image_side)
     if agreement_target <= 0:
         return flat
     agreement = top1_agreement(flat, model, evenly_spaced(calibration, CHECK_IMAGES))
     if agreement >= agreement_target:
         return flat
-    flat, float_ops = high_fidelity_int8(model, calibration, corrected)
+    flat, float_ops = high_fidelity_int8(calibration, corrected, original, image_side)
     print(
         f"int8: top-1 agreed with float on {agreement:.1%} of the calibration images; kept {len(float_ops)} "
         f"sensitive op(s) in float and corrected the int8 graph's biases",
         flush=True,
     )
-    return softmax_in_float(flat)
+    return flat
 
 
-def high_fidelity_int8(model, calibration: Images, corrected: bytes) -> tuple[bytes, set[str]]:
-    """`model` in integer ops except its sensitive layers, which stay in float, and the ops without weights that feed
-    them (such as the input's normalisation); then the biases corrected for the error int8 activations add, on the
-    int8 graph itself (`activation_bias_corrected`). `corrected` is the calibrated graph of the bias-corrected copy
-    of `model`; the float layers take `model`'s own biases back. Returns (model, the float ops' names)."""
-    original = calibrate_only(_integer_converter(model, calibration))
-    reference = quantize_calibrated(original, [op.name for op in graph_ops(original)])  # all in float: the float model
-    float_ops = with_weightless_producers(
-        sensitive_ops(corrected, evenly_spaced(calibration, SENSITIVITY_IMAGES)), graph_ops(corrected)
-    )
+# Weighted layers whose input is this deep or shallower read the image (RGB, or the grey made from it).
+IMAGE_DEPTH = 3
+
+
+def image_side_ops(ops: list[GraphOp]) -> set[str]:
+    """The weighted ops before the first one whose input is deeper than IMAGE_DEPTH (the grey conversion of a grey
+    model, its first convolution, EfficientNet's stem), and the ops without weights that feed them. In int8 these
+    are matrix products over a few values per output (3 for the grey conversion, 9 for a 3x3 convolution of grey):
+    the construct suspected where TensorFlow 2.18's XNNPACK (tf.lite.Interpreter's default) changed the int8
+    Fashion-MNIST answer on a CPU with AMX while other runtimes agreed (CPUs without AMX do not show it). In float
+    they cost little (few channels) and lose nothing to rounding the image."""
+    weighted = [op for op in ops if op.weighted]
+    deep = next((i for i, op in enumerate(weighted) if op.input_depth > IMAGE_DEPTH), len(weighted))
+    return with_weightless_producers([op.name for op in weighted[:deep]], ops)
+
+
+def classifier_head(ops: list[GraphOp]) -> list[str]:
+    """The last weighted op (the layer that makes the logits) and the ops after it (the softmax)."""
+    last = max(i for i, op in enumerate(ops) if op.weighted)
+    return [op.name for op in ops[last:]]
+
+
+def int8_graph(corrected: bytes, original: bytes, float_ops: set[str]) -> bytes:
+    """The integer graph of `corrected` (the calibrated graph of the bias-corrected copy of the model) with the ops
+    `float_ops` in float, taking their biases from `original` (the calibrated graph of the model itself), and the
+    classifier's head in float with its weights stored as int8: its logits and scores are not rounded to 256
+    levels, so classes that float tells apart do not tie (EfficientNet-Lite0's int8 logits came in steps of 0.09:
+    on Grace Hopper's photo "suit" and "Windsor tie" both scored 0.053976 where float gave 0.056 and 0.055)."""
+    head = classifier_head(graph_ops(corrected))
     editor = BiasEditor(corrected)
-    # Bias correction foresaw int8 weights; float layers get their own biases back (or, where the graphs do not
-    # pair up, the activation bias correction below measures and removes the difference).
-    editor.take_biases(original, float_ops)
-    mixed = quantize_calibrated(editor.model(), float_ops)
+    # Bias correction foresaw int8 weights; float layers get their own biases back (or, where the graphs do not pair
+    # up, the activation bias correction of high_fidelity_int8 measures and removes the difference). The head's
+    # weights are rounded as bias correction foresaw.
+    editor.take_biases(original, float_ops - set(head))
+    flat = quantize_calibrated(editor.model(), float_ops | set(head))
+    return weights_stored_int8(flat, head[:1])
+
+
+def high_fidelity_int8(
+    calibration: Images, corrected: bytes, original: bytes, float_ops: set[str]
+) -> tuple[bytes, set[str]]:
+    """`int8_graph` with the sensitive layers in float too, and the ops without weights that feed them (such as the
+    input's normalisation); then the biases corrected for the error int8 activations add, on the int8 graph itself
+    (`activation_bias_corrected`). `corrected` and `original` as for `int8_graph`; `float_ops` stay float anyway.
+    Returns (model, the float ops' names)."""
+    reference = quantize_calibrated(original, [op.name for op in graph_ops(original)])  # all in float: the float model
+    sensitive = sensitive_ops(corrected, evenly_spaced(calibration, SENSITIVITY_IMAGES))
+    float_ops = with_weightless_producers(sensitive + sorted(float_ops), graph_ops(corrected))
+    mixed = int8_graph(corrected, original, float_ops)
     return activation_bias_corrected(mixed, reference, evenly_spaced(calibration, CORRECTION_IMAGES)), float_ops
 
 

@@ -91,6 +91,59 @@ def softmax_in_float(model: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
+# Added for float logits from int8-stored weights (quantize/convert.py): weight-only int8, which the converter makes
+# only for a whole model.
+DEQUANTIZE_INT8_VERSION = 2  # TFLite 2.18 runs per-channel int8 under this version too (5 is newer)
+
+
+def weights_stored_int8(model: bytes, op_names: Collection[str]) -> bytes:
+    """`model` with the float32 weights of the ops whose output tensors are named in `op_names` stored as int8 (per
+    output channel, symmetric, -127..127 times max|w| / 127: how the converter rounds weights) and turned back into
+    float32 by a DEQUANTIZE op placed before each, which runtimes run once, when the model loads. The ops themselves
+    stay float: their outputs are not rounded to 256 levels."""
+    schema, flatbuffer_utils = _private_api()
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = tree.subgraphs[0]
+    dequantize = schema.OperatorCodeT()
+    dequantize.builtinCode = dequantize.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
+    dequantize.version = DEQUANTIZE_INT8_VERSION
+    tree.operatorCodes.append(dequantize)
+    uses = np.bincount([tensor.buffer for tensor in graph.tensors], minlength=len(tree.buffers))
+    operators = []
+    for op in graph.operators:
+        weights = graph.tensors[op.inputs[1]] if len(op.inputs) > 1 else None
+        if _name(graph.tensors[op.outputs[0]]) in op_names and weights is not None:
+            if weights.type != schema.TensorType.FLOAT32 or uses[weights.buffer] != 1:
+                raise ValueError(f"{_name(weights)}: not float32 weights of their own")
+            operators.append(_dequantize_op(schema, tree, graph, op.inputs[1], len(tree.operatorCodes) - 1))
+        operators.append(op)
+    graph.operators = operators
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
+def _dequantize_op(schema, tree, graph, index: int, opcode: int):
+    """A DEQUANTIZE op making float32 constant tensor `index` from a new int8 copy of it, which takes its data."""
+    weights = graph.tensors[index]
+    values = tree.buffers[weights.buffer].data.view(np.float32).reshape(weights.shape)
+    largest = np.abs(values).reshape(len(values), -1).max(axis=1)
+    scale = np.where(largest > 0, largest / 127, 1.0).astype(np.float32)
+    stored = np.clip(np.round(values / scale.reshape(-1, *[1] * (values.ndim - 1))), -127, 127).astype(np.int8)
+    quantized = schema.TensorT()
+    quantized.shape, quantized.type, quantized.buffer = weights.shape, schema.TensorType.INT8, weights.buffer
+    quantized.name = _name(weights) + "_int8"
+    quantized.quantization = schema.QuantizationParametersT()
+    quantized.quantization.scale = scale
+    quantized.quantization.zeroPoint = np.zeros(len(scale), np.int64)
+    quantized.quantization.quantizedDimension = 0
+    tree.buffers[weights.buffer].data = stored.reshape(-1).view(np.uint8)
+    tree.buffers.append(schema.BufferT())  # the float weights become the DEQUANTIZE's output: no data of their own
+    weights.buffer = len(tree.buffers) - 1
+    graph.tensors.append(quantized)
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = opcode, np.array([len(graph.tensors) - 1]), np.array([index])
+    return op
+
+
 # Added for int8 that keeps float's answers (quantize/convert.py): the converter's two steps taken apart, so that
 # chosen ops can stay in float and the int8 graph's biases can be corrected after the fact.
 def calibrate_only(converter) -> bytes:
@@ -124,13 +177,14 @@ def quantize_calibrated(
 
 class GraphOp(NamedTuple):
     """One op of a TFLite graph: its output tensor's name (what `quantize_calibrated` takes), the names of the ops that
-    produce its inputs, whether it has weights (a convolution or fully-connected layer), and the range
-    its fused activation clamps its output to."""
+    produce its inputs, whether it has weights (a convolution or fully-connected layer), the range its fused
+    activation clamps its output to, and the depth (last dimension) of its first input."""
 
     name: str
     producers: tuple[str, ...]
     weighted: bool
     clamp: tuple[float, float]
+    input_depth: int
 
 
 def graph_ops(model: bytes) -> list[GraphOp]:
@@ -160,10 +214,15 @@ def graph_ops(model: bytes) -> list[GraphOp]:
                 producers=tuple(producer[i] for i in op.inputs if i in producer),
                 weighted=max(code.builtinCode, code.deprecatedBuiltinCode) in weighted,
                 clamp=clamps.get(activation, (-np.inf, np.inf)),
+                input_depth=_depth(graph.tensors[op.inputs[0]]),
             )
         )
         producer.update({i: name for i in op.outputs})
     return ops
+
+
+def _depth(tensor) -> int:
+    return int(tensor.shape[-1]) if tensor.shape is not None and len(tensor.shape) else 1
 
 
 class BiasEditor:

@@ -22,6 +22,29 @@ ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = [sys.executable, "-m", "pipeline"]
 # A slice of Fashion-MNIST big enough to learn something in two epochs, small enough to train in seconds.
 SMALL_FMNIST = ["--set", "max_images_per_class=150", "--epochs", "2", "--batch-size", "64"]
+# The instruction sets that decide which int8 kernels XNNPACK runs (x86 and Arm names, as /proc/cpuinfo spells them).
+INT8_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avxvnni", "avx512_bf16", "amx_tile", "amx_int8", "asimddp")
+
+
+def cpu_features() -> str:
+    """This CPU's model and which of INT8_CPU_FEATURES it has: tests whose int8 results depend on the CPU name it in
+    their messages, and pytest's header prints it."""
+    fields: dict[str, str] = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "CPU features unknown (no /proc/cpuinfo)"
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    model = fields.get("model name") or fields.get("CPU part") or "unknown CPU"
+    has = " ".join(f for f in INT8_CPU_FEATURES if f in flags) or "none"
+    return f"{model}: {has}; not {' '.join(f for f in INT8_CPU_FEATURES if f not in flags) or 'missing any'}"
+
+
+def pytest_report_header() -> str:
+    return f"cpu: {cpu_features()}"
 
 
 @pytest.fixture(scope="session", autouse=True)
