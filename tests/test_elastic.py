@@ -110,7 +110,7 @@ def test_min_workers_without_hosts_is_a_usage_error():
 def test_commit_every_must_be_a_positive_integer():
     result = run_pipeline("train", "--set", "commit_every=0", check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == "Error: commit_every=0: must be a positive integer"
+    assert result.stderr.strip() == "Error: commit_every=0: must be an integer from 1 to 1000000"
 
 
 def test_an_elastic_job_refused_by_rank_0_ends_with_its_one_line_error(tmp_path):
