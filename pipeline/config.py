@@ -58,7 +58,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--set {text}: expected key=value")
     try:
         return key.strip(), load_yaml(value) if value.strip() else None
-    except (yaml.YAMLError, RecursionError) as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a date such as 2020-13-45
         raise ConfigError(f"--set {text}: not a YAML value ({str(err).splitlines()[0]})") from None
 
 

@@ -43,6 +43,9 @@ def test_scientific_notation_is_a_number_on_the_command_line_and_in_config_files
     config = load_config(path)
     assert (config["learning_rate"], config["warmup_epochs"], config["name"]) == (0.0003, 1.0, "1e3x")
     assert load_config(None, setting("name=1e3x"))["name"] == "1e3x"  # not a number: stays a string
+    for text in ["seed=2020-13-45", "epochs=[", "epochs=" + "[" * 5000]:
+        with pytest.raises(ConfigError, match=r"^--set .*: not a YAML value \(\w"):
+            parse_override(text)
 
 
 def test_nan_and_inf_are_refused_in_every_float_setting():
@@ -87,6 +90,7 @@ def test_config_files_are_read_by_the_regular_file_rule(tmp_path):
         f.truncate(100 * 1024 * 1024)  # sparse: 100 MB that take no disk
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (tmp_path / "deep.yaml").write_text("epochs: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "date.yaml").write_text("seed: 2020-13-45\n")
     for path, problem in [
         ("/dev/zero", "is a character device, not a YAML config file"),  # was read until memory ran out
         (tmp_path / "fifo.yaml", "is a named pipe, not a YAML config file"),  # was waited on for good
@@ -94,6 +98,7 @@ def test_config_files_are_read_by_the_regular_file_rule(tmp_path):
         (tmp_path / "huge.yaml", "larger than 1 MiB, too large for a YAML config file"),
         (tmp_path / "latin1.yaml", "not UTF-8 text (byte 9), not a YAML config file"),
         (tmp_path / "deep.yaml", "not a readable YAML file (nested too deeply)"),
+        (tmp_path / "date.yaml", "not a readable YAML file (month must be in 1..12)"),
         (tmp_path / "missing.yaml", "no such file"),
     ]:
         assert one_line_error(pipeline("train", "--config", str(path), timeout=60)) == f"Error: {path}: {problem}"

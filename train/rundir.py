@@ -94,7 +94,7 @@ def read_settings(path: str | Path, error: type[PipelineError]) -> dict:
     text = read_text_file(path, CONFIG_LIMIT, "a YAML config file", error)
     try:
         settings = load_yaml(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date such as 2020-13-45, an int of 5000 digits
         raise error(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
     except RecursionError:  # lists nested thousands deep: the constructor recurses
         raise error(f"{path}: not a readable YAML file (nested too deeply)") from None
