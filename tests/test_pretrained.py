@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.tensorflow_env import prepare
 from serve import Classifier, PipelineError, to_pixels
-from tests.conftest import make_image_folder, run_pipeline
+from tests.conftest import cpu_features, make_image_folder, run_pipeline
 from train.torch_weights import LEGACY_MAGIC, read_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -80,18 +80,59 @@ def test_grace_hopper_is_a_military_uniform_in_float_and_int8(tmp_path, pretrain
         assert first.startswith("military uniform (653): "), (mode, label.stdout)
     report = json.loads((run / "quantize_report.json").read_text())
     int8 = report["bundles"]["int8"]
-    # Measured 17/17 and 0.99 on the whole photos, 0.95 and 0.96 on 102 held-out crops (plain int8: 15/17, 0.96,
-    # 0.89, 0.92): int8 changed float's answer on 85% of the calibration images, so the conversion kept its
+    # Measured 17/17 and 0.99 on the whole photos, 0.91 and 0.96 on 102 held-out crops (plain int8: 15/17, 0.96,
+    # 0.89, 0.92): int8 changed float's answer on 91% of the calibration images, so the conversion kept its
     # sensitive layers in float and corrected its biases on the int8 graph. What remains are near-ties in float32
-    # (margins under 0.05), which is why the bounds leave one photo and two crops of room.
+    # (margins under 0.05), which is why the bounds leave one photo and a crop of room. (With int8 logits, before
+    # the last layer ran in float: 0.93 on these crops, but 0.939 against 0.951 now on 510 other crops.)
     assert "kept 7 sensitive op(s) in float" in printed
     assert int8["agreement"] >= 16 / 17 and int8["top5_overlap"] >= 0.93
     assert report["held_out_images"] == 17 * 6
-    assert int8["held_out"]["agreement"] >= 0.93 and int8["held_out"]["top5_overlap"] >= 0.93
+    assert int8["held_out"]["agreement"] >= 0.9 and int8["held_out"]["top5_overlap"] >= 0.93
     assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
     classifier = Classifier(export / "lite0_int8.tflite")
     assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
     assert (classifier.height, classifier.width, classifier.channels) == (224, 224, 3)
+
+
+# Two scores "tie" when they are this close, relative to the larger: int8 logits that round to the same step give
+# scores equal to the last bit, and float32 sums give scores 1e-7 apart at most.
+TIE = 1e-5
+# ... where float32's scores for the same two classes are further apart than this, relative to the larger.
+FLOAT_APART = 0.01
+
+
+def tied_apart(int8: np.ndarray, float32: np.ndarray, top: int = 10) -> list[tuple[int, int]]:
+    """The pairs of classes among int8's `top` whose int8 scores tie while float32's do not."""
+    best = np.argsort(-int8)[:top]
+    return [
+        (int(a), int(b))
+        for i, a in enumerate(best)
+        for b in best[i + 1 :]
+        if abs(int8[a] - int8[b]) <= TIE * max(int8[a], int8[b])
+        and abs(float32[a] - float32[b]) > FLOAT_APART * max(float32[a], float32[b])
+    ]
+
+
+@pytest.mark.slow
+def test_int8_scores_never_tie_classes_that_float_tells_apart(pretrained_bundles):
+    """On every sample photo (scikit-image's and matplotlib's, tests/data's, and scikit-image's horse, whose int8
+    scores used to tie ox and Arabian camel at 0.091147 where float32 gave 0.097 and 0.117), no two of int8's top-10
+    classes score the same where float32's scores differ by more than FLOAT_APART. The int8 scores come from this
+    CPU's XNNPACK kernels: the message names its features."""
+    import skimage
+
+    from train.pretrained import sample_photos
+
+    photos = [*sample_photos(), *sorted(DATA.glob("*.[jp][pn]g")), Path(skimage.__file__).parent / "data" / "horse.png"]
+    int8, float32 = Classifier(pretrained_bundles["int8"]), Classifier(pretrained_bundles["float32"])
+    ties = {}
+    for photo in photos:
+        pixels = to_pixels(photo, 224, 224, 3)[None]
+        pairs = tied_apart(int8.predict(pixels)[0], float32.predict(pixels)[0])
+        if pairs:
+            ties[photo.name] = [(int8.labels[a], int8.labels[b]) for a, b in pairs]
+    assert len(photos) >= 18 and not ties, (ties, cpu_features())
 
 
 @pytest.mark.slow
