@@ -152,11 +152,11 @@ def test_grey_trained_bundle_converts_rgb_as_pillow_does(fmnist_run, bundles, im
 
 
 def test_int8_taking_rgb_is_as_close_to_float_as_int8_taking_grey(fmnist_run):
-    """int8 cannot hold Pillow's weights exactly (0.299 becomes 65/127 of 0.587: the three sum to 1.003), so the
-    RGB int8 conversion is held to what rounding allows: the int8 conversion of the same model taking grey
-    directly, with the same calibration images, both against the Keras float model on held-out images. The RGB
-    one may miss float's top-1 on at most 1% more images, and its largest score error may be at most 0.01 larger
-    (2.5 steps of a uint8 score; 2026-11-29: 0.0326 against 0.0323, top-1 agreement 0.992 for both)."""
+    """The RGB int8 conversion against the int8 conversion of the same model taking grey directly, with the same
+    calibration images, both against the Keras float model on held-out images. The RGB one may miss float's top-1
+    on at most 1% more images, and its largest score error may be at most 0.01 larger (2.5 steps of a uint8 score;
+    2026-11-29, when the grey conversion ran in int8, whose weights cannot hold Pillow's exactly: 0.0326 against
+    0.0323, top-1 agreement 0.992 for both; it runs in float now)."""
     from pipeline.config import load_config
     from pipeline.tensorflow_env import prepare
 
