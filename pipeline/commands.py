@@ -141,7 +141,9 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     is_flag=True,
     help="Continue runs/<name> from its last complete checkpoint. It may change epochs, learning_rate, "
     "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, commit_every, compression and cache_dir "
-    "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss).",
+    "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss). With "
+    "nothing to resume yet (no such run, or one that finished no epoch) it starts the run, as without "
+    "--resume: the same command line starts a job and continues it when requeued.",
 )
 @click.option(
     "--exist-ok",

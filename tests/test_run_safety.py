@@ -101,6 +101,33 @@ def test_two_trainings_on_one_name_cannot_run_at_once(tmp_path):
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
 
 
+def test_resume_with_nothing_to_resume_starts_the_run_and_with_lost_checkpoints_is_refused(tmp_path):
+    runs = ["--name", "new", "--set", f"runs_dir={tmp_path}"]
+    run = tmp_path / "new"
+    started = f"{run}: nothing to resume yet, starting it"
+    # Held by another process: refused before anything is decided, even with nothing to resume.
+    with run_lock(run, "training"):
+        result = run_pipeline("train", *runs, "--resume", *TINY, check=False)
+    in_use = f"{run}: in use by PID {os.getpid()} (training); wait for it to finish or use another --name"
+    assert last_line(result) == f"Error: {in_use}"
+    assert not run.exists()
+
+    result = run_pipeline("train", *runs, "--resume", *TINY)
+    assert started in result.stderr.splitlines()
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+
+    # A run with its epochs' results but its checkpoints deleted is not started over: that would lose them.
+    for path in (run / "checkpoints").iterdir():
+        for file in path.iterdir():
+            file.unlink()
+        path.rmdir()
+    before = snapshot(run)
+    result = run_pipeline("train", *runs, "--resume", "--epochs", "2", check=False)
+    assert result.returncode == 1 and started not in result.stderr
+    assert last_line(result) == f"Error: {run}: no complete checkpoint to resume from; start it over with --exist-ok"
+    assert snapshot(run) == before
+
+
 def test_resume_cannot_change_what_defines_the_run(tmp_path):
     shapes = make_image_folder(tmp_path / "shapes", per_class=8)
     runs = ["--name", "shapes", "--set", f"runs_dir={tmp_path / 'runs'}"]

@@ -106,7 +106,7 @@ def test_config_files_are_read_by_the_regular_file_rule(tmp_path):
 
 def test_a_runs_config_yaml_that_is_a_named_pipe_is_refused_on_resume(tmp_path):
     run = tmp_path / "exp"
-    run.mkdir()
+    (run / "checkpoints" / "epoch_001").mkdir(parents=True)  # something to resume: its config is read
     os.mkfifo(run / "config.yaml")
     result = pipeline("train", "--resume", "--set", f"runs_dir={tmp_path}", timeout=60)
     assert one_line_error(result) == f"Error: {run / 'config.yaml'}: is a named pipe, not a YAML config file"

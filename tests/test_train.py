@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.config import ConfigError, load_config
 from pipeline.tensorflow_env import prepare
 from serve.errors import PipelineError
-from tests.conftest import PIPELINE, ROOT, make_image_folder, run_pipeline
+from tests.conftest import PIPELINE, ROOT, SMALL_FMNIST, make_image_folder, run_pipeline
 from train.data import DataError, load_dataset, stratified_sample, stratified_split
 
 
@@ -82,12 +82,14 @@ def test_config_layers_and_rejects_unknown_settings(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "lost").mkdir()  # a run with results but no config.yaml: something to resume, and no settings
+    (tmp_path / "lost" / "metrics.json").write_text("[]")
     for args, fragment in [
         (["train", "--data", str(tmp_path / "nowhere"), "--set", f"runs_dir={tmp_path}"], "no such data folder"),
         (["train", "--set", "epochs=zero"], "epochs='zero'"),
         (["train", "--config", str(tmp_path / "none.yaml")], "none.yaml: no such file"),
         (["quantize", str(tmp_path)], "not a run directory"),
-        (["train", "--name", "never", "--resume", "--set", f"runs_dir={tmp_path}"], "config.yaml"),
+        (["train", "--name", "lost", "--resume", "--set", f"runs_dir={tmp_path}"], "config.yaml"),
     ]:
         result = run_pipeline(*args, check=False)
         assert result.returncode == 1, args
@@ -191,6 +193,40 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["epoch"], key)
     leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path):
+    # A requeued job's one command line: the first try dies in epoch 1, before anything is saved.
+    common = ["--name", "requeued", "--resume", "--set", f"runs_dir={tmp_path}", *SMALL_FMNIST]
+    run = tmp_path / "requeued"
+    first = subprocess.Popen(
+        [*PIPELINE, "train", *common, "--set", "seed=7"],
+        cwd=ROOT,
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (run / "data.json").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # data.json is written just before the first epoch
+    first.send_signal(signal.SIGKILL)
+    _, stderr = first.communicate()
+    assert first.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert f"{run}: nothing to resume yet, starting it" in stderr
+    assert not (run / "checkpoints").exists() and "seed: 7" in (run / "config.yaml").read_text()
+
+    # The same command again starts it over with its own settings (seed 7 is no change to refuse) and finishes.
+    result = run_pipeline("train", *common)
+    assert f"{run}: nothing to resume yet, starting it" in result.stderr.splitlines()
+    assert "seed: 42" in (run / "config.yaml").read_text()
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [1, 2]
+
+    # Once there is a checkpoint, the same command line continues the run.
+    result = run_pipeline("train", *common, "--epochs", "3")
+    assert "nothing to resume" not in result.stderr and f"resuming {run} after epoch 2" in result.stderr
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [1, 2, 3]
 
 
 class ViewWithoutArray:

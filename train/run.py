@@ -26,6 +26,7 @@ from train.rundir import (
     CHECKPOINT_PREFIX,
     check_resume,
     checkpoints,
+    nothing_to_resume,
     read_config,
     read_history,
     read_run_json,
@@ -290,12 +291,16 @@ def _shard_size(count: int) -> int:
 
 
 def _start_epoch(run: Path, config: dict, resume: bool, exist_ok: bool) -> int:
-    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok;
-    a resumed run must keep the settings that define it."""
+    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok, or a resume with
+    nothing to resume yet (what it replaces finished no epoch); a resumed run must keep the settings that define it.
+    Decided on rank 0 alone, under the run's lock, and broadcast: every worker takes the same decision."""
     if resume:
+        if nothing_to_resume(run):
+            print(f"{run}: nothing to resume yet, starting it", file=sys.stderr)
+            return 0
         found = checkpoints(run)
         if not found:
-            raise RunError(f"{run}: no complete checkpoint to resume from; start it without --resume")
+            raise RunError(f"{run}: no complete checkpoint to resume from; start it over with --exist-ok")
         check_resume(run, read_config(run), config)
         return found[-1][0]
     if run.exists() and any(run.iterdir()):

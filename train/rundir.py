@@ -156,6 +156,13 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def nothing_to_resume(run: Path) -> bool:
+    """Whether `--resume` of `run` starts it instead: no complete checkpoint and no epoch's results (a run killed in
+    its first epoch, or never started). A run with metrics or a model but no checkpoint left is not started over."""
+    trained = ("metrics.json", "best.keras", "summary.json")
+    return not checkpoints(run) and not any(os.path.lexists(run / name) for name in trained)
+
+
 def versions() -> dict:
     """The versions a run was made with, for summary.json."""
     import numpy as np
