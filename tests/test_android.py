@@ -3,7 +3,8 @@
 The core (android_demo/app/src/main/java/com/edgepipeline/core) has no android.* imports, so the host JDK
 compiles and runs it here through a small driver (android_demo/offline/host/CoreDriver.java). Images are
 decoded by Pillow the way serve decodes them, up to the point where Android's BitmapFactory would hand the
-app ARGB pixels; from there the Java side does what the app does.
+app ARGB pixels; from there the Java side does what the app does. The core's structural check of a model
+(ModelStructure.java) is compared with serve's check_structure on the hostile cases and on structure mutants.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from serve import Classifier, to_pixels
+from serve import BundleError, Classifier, to_pixels
+from serve.bundle import check_model
 from serve.preprocess import decode
 from tests.conftest import ODDITIES, ROOT
+from tests.test_bundle_fuzz import structure_mutants
+from tests.test_bundle_structure import HOSTILE, Parts
 
 ANDROID = ROOT / "android_demo"
 CORE = ANDROID / "app" / "src" / "main" / "java" / "com" / "edgepipeline" / "core"
@@ -45,6 +49,32 @@ def java(core: Path, *args: object) -> str:
     result = subprocess.run(["java", "-cp", str(core), "CoreDriver", *map(str, args)], capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode("utf-8")
+
+
+def java_check(core: Path, models: list[bytes], folder: Path) -> list[str]:
+    """The core's verdict on each model, in one JVM: "ok", or "refused<TAB>why"."""
+    paths = []
+    for i, model in enumerate(models):
+        paths.append(folder / f"model_{i}.tflite")
+        paths[-1].write_bytes(model)
+    (folder / "models.txt").write_text("".join(f"{path}\n" for path in paths))
+    verdicts = java(core, "check", folder / "models.txt").splitlines()
+    assert len(verdicts) == len(models)
+    return verdicts
+
+
+def serve_check(model: bytes) -> str:
+    """serve's verdict on a model's structure (its checksum aside: the app has none to check)."""
+    try:
+        check_model("model", model, verify_checksum=False)
+    except BundleError as err:
+        return f"refused\t{str(err).removeprefix('model: ')}"
+    return "ok"
+
+
+def hostile(model: bytes, case: str) -> tuple[bytes, str]:
+    position, data, expected = HOSTILE[case](Parts(model))
+    return model[:position] + data + model[position + len(data) :], expected
 
 
 def decoded_argb(path: Path, draft_side: int) -> np.ndarray:
@@ -181,3 +211,49 @@ def test_top_k_matches_serve(core, bundles, fmnist_images, tmp_path, mode):
         want = classifier.top_k(classifier.dequantize(row), 10)  # serve's scores from the same raw output
         assert [i for i, _ in got] == [p.index for p in want]
         assert [s for _, s in got] == [np.float32(p.score) for p in want]
+
+
+@pytest.mark.slow
+def test_structure_check_accepts_real_bundles_and_refuses_the_hostile_cases(core, bundles, tmp_path):
+    """The hostile cases crashed LiteRT or made it allocate gigabytes (tests/test_bundle_structure.py): the core
+    refuses each with the message serve gives, naming the tensor, and BundleInfo.read, which the app calls before
+    it creates the Interpreter, refuses them too."""
+    model = bundles["int8"].read_bytes()
+    cases = {case: hostile(model, case) for case in sorted(HOSTILE)}
+    real = [path.read_bytes() for path in bundles.values()]
+    verdicts = java_check(core, real + [mutant for mutant, _ in cases.values()], tmp_path)
+    assert verdicts[: len(real)] == ["ok"] * len(real)
+    for (case, (mutant, expected)), verdict in zip(cases.items(), verdicts[len(real) :]):
+        assert verdict.startswith(f"refused\t{expected}"), (case, verdict)
+        assert serve_check(mutant).startswith(f"refused\t{expected}"), case
+    for case in ("batch 2,097,153", "int8 zero point -256"):
+        mutant, expected = cases[case]
+        (tmp_path / "hostile.tflite").write_bytes(mutant)
+        result = subprocess.run(
+            ["java", "-cp", str(core), "CoreDriver", "info", str(tmp_path / "hostile.tflite")], capture_output=True
+        )
+        assert result.returncode != 0 and f"BundleException: {expected}" in result.stderr.decode(), case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "float32"])
+def test_structure_check_gives_serves_verdict_on_structure_mutants(core, bundles, tmp_path, mode):
+    """300 mutants of the bundle's structure, made as tests/test_bundle_fuzz.py makes them (hostile values in its
+    shapes, types, quantisation and indices; byte flips in its tables): the core accepts exactly those that serve's
+    check accepts, and where both refuse for a reason other than a corrupt offset, says the same."""
+    model = bundles[mode].read_bytes()
+    mutants = []
+    for edits, _ in structure_mutants(model, 300, seed=19):
+        mutant = bytearray(model)
+        for position, data in edits:
+            mutant[position : position + len(data) // 2] = bytes.fromhex(data)
+        mutants.append(bytes(mutant))
+    verdicts = java_check(core, mutants, tmp_path)
+    wanted = [serve_check(mutant) for mutant in mutants]
+    assert [v.split("\t")[0] for v in verdicts] == [w.split("\t")[0] for w in wanted]
+    refused = sum(w != "ok" for w in wanted)
+    assert 0.3 * len(mutants) < refused < len(mutants), refused  # both verdicts well represented
+    for verdict, want in zip(verdicts, wanted):
+        # The offset messages and a scale's digits are written by each language its own way.
+        if want != "ok" and "offset" not in want and "scale " not in want:
+            assert verdict == want

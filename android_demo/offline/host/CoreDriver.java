@@ -1,4 +1,6 @@
+import com.edgepipeline.core.BundleException;
 import com.edgepipeline.core.BundleInfo;
+import com.edgepipeline.core.ModelStructure;
 import com.edgepipeline.core.Pixels;
 import com.edgepipeline.core.Prediction;
 import com.edgepipeline.core.TensorCodec;
@@ -13,6 +15,7 @@ import java.io.OutputStream;
 import java.io.PrintStream;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
+import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Paths;
 
@@ -23,6 +26,8 @@ import java.nio.file.Paths;
  *   input MODEL IMAGES OUT      each image's input tensor bytes, one after another
  *   pixels W H C IMAGES OUT     each image resized to W x H with C channels, uint8
  *   topk MODEL K RAW            for each raw output in RAW: K "index<TAB>score" lines, then "--"
+ *   check LIST                  for each model named in LIST (one path a line): "ok", or "refused<TAB>why"
+ *                               when ModelStructure refuses it
  *
  * IMAGES holds, per image, a big-endian int32 width and height and then width x height int32 ARGB pixels.
  */
@@ -84,6 +89,15 @@ public final class CoreDriver {
                     out.println(p.index + "\t" + p.score);
                 }
                 out.println("--");
+            }
+        } else if ("check".equals(command)) {
+            for (String path : Files.readAllLines(Paths.get(args[1]), StandardCharsets.UTF_8)) {
+                try {
+                    ModelStructure.check(ByteBuffer.wrap(Files.readAllBytes(Paths.get(path))));
+                    out.println("ok");
+                } catch (BundleException e) {
+                    out.println("refused\t" + e.getMessage());
+                }
             }
         } else {
             throw new IllegalArgumentException("unknown command " + command);

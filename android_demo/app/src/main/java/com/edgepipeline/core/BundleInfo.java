@@ -68,8 +68,12 @@ public final class BundleInfo {
         labels = Collections.unmodifiableList(names);
     }
 
-    /** Reads a bundle: a .tflite flatbuffer, memory-mapped or in memory. */
+    /**
+     * Reads a bundle: a .tflite flatbuffer, memory-mapped or in memory. Its structure is checked first
+     * (ModelStructure), so that a bundle this returns is safe to hand to LiteRT's Interpreter.
+     */
     public static BundleInfo read(ByteBuffer model) throws BundleException {
+        ModelStructure.check(model);
         try {
             TfliteFlatBuffer flatBuffer = new TfliteFlatBuffer(model);
             byte[] raw = flatBuffer.metadata(METADATA_NAME);
