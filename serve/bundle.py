@@ -34,9 +34,10 @@ MAX_INPUT_SIDE = 65535  # height, width or channels a bundle's metadata may stat
 # The elements one tensor of a model may hold, declared in its flatbuffer: TENSOR_ELEMENTS_FLOOR for any file (the
 # model's input, up to a 1024x1024 RGBA image, whatever the weights weigh) plus TENSOR_ELEMENTS_PER_BYTE for each
 # byte of the file, at most MAX_TENSOR_ELEMENTS (1 GiB of float32). The input's own shape cannot be the yardstick:
-# it is one of the file's tensors (one flipped byte made a 234 KB bundle's batch 2,097,153, and LiteRT allocate
+# it is one of the file's tensors (one flipped byte made a 234 KB bundle's batch 2,097,153, and LiteRT allocated
 # 12.9 GB). Real models pass with room to spare: the largest tensor of the Fashion-MNIST CNN's int8 bundle (its
 # 128x1568 dense weights) is 3.9% of its 5.1M limit, that of EfficientNet-Lite0's (1001x1280) 5.0% of its 25M.
+# android_demo/.../ModelStructure.java holds the same three bounds.
 TENSOR_ELEMENTS_FLOOR = 1 << 22
 TENSOR_ELEMENTS_PER_BYTE = 4
 MAX_TENSOR_ELEMENTS = 1 << 28

@@ -2,8 +2,9 @@
 
 The one Python module that knows tensorflow/lite/schema/schema.fbs: serve/bundle.py finds the metadata entries
 with it and checks the model's structure before LiteRT sees it, serve/web/server.py checks that the input's batch
-is fixed for LiteRT.js, quantize/metadata.py signs what it embeds. The Android demo
-(android_demo/.../TfliteFlatBuffer.java) keeps its own copy of these indices: Java cannot import Python.
+is fixed for LiteRT.js, quantize/metadata.py signs what it embeds. The Android demo keeps its own copy of these
+indices (android_demo/.../TfliteFlatBuffer.java) and of check_structure's rules and messages (ModelStructure.java):
+Java cannot import Python, so a change here goes there too (tests/test_android.py compares their verdicts).
 """
 
 from __future__ import annotations
