@@ -170,9 +170,12 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(tmp_path):
 @pytest.mark.slow
 def test_pipeline_train_with_two_workers_then_quantize_label_and_resume_alone(tmp_path, fmnist_images):
     runs = tmp_path / "runs"
-    result = run_pipeline("train", "--workers", "2", "--name", "pair", "--set", f"runs_dir={runs}", *SMALL_FMNIST)
+    # --resume with nothing to resume starts the run: rank 0 decides, under the lock, for both workers.
+    pair = ["--workers", "2", "--name", "pair", "--resume", "--set", f"runs_dir={runs}", *SMALL_FMNIST]
+    result = run_pipeline("train", *pair)
     assert "[rank 1]" not in result.stdout  # only rank 0 prints progress
     run = runs / "pair"
+    assert result.stderr.count(f"{run}: nothing to resume yet, starting it") == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["compression"] == "fp16"
     checksums = summary["rank_weight_checksums"]
