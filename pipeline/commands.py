@@ -154,8 +154,8 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
 @click.option(
     "--verify-data",
     is_flag=True,
-    help="Read and hash every source file again and compare with the data cache; rebuild the cache if they "
-    "differ (a file changed without a change of size or time).",
+    help="Read and hash every source file again and check the whole data cache (shards, labels, manifest); decode "
+    "again what differs (a file changed without a change of size or time).",
 )
 def train(
     config_path,
@@ -259,7 +259,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number")
-    return value
+    return value if value is None else value + 0.0  # -0 reads as 0 (printed "-0" otherwise)
 
 
 @cli.command()

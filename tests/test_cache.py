@@ -406,6 +406,9 @@ def test_pipeline_cache_older_than_removes_the_caches_unused_that_long_and_keeps
         (error,) = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
         assert refused.returncode == 2 and "'--older-than'" in error and why in error, refused.stderr
     assert (cache_dir / keys[32]).is_dir() and (cache_dir / keys[40]).is_dir()
+    run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "-0")  # 0: every cache not in use
+    none_left = run_pipeline("cache", "--cache-dir", str(cache_dir), "--older-than", "-0").stdout
+    assert none_left == f"no data caches in {cache_dir} unused for 0 days\n"
 
 
 def test_cache_dir_setting_must_be_a_folder_name():
