@@ -12,6 +12,7 @@ import os
 import sys
 
 from serve.errors import PipelineError
+from serve.files import UNDECODABLE_BYTES
 
 
 def main() -> None:
@@ -61,18 +62,10 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
     0x2028: "\\u2028",
     0x2029: "\\u2029",
 }
-# A file name's bytes that are not UTF-8 reach Python as the surrogates U+DC80..U+DCFF (surrogateescape), which no
-# output encoding can hold: each is printed as the byte it stands for, \xff.
-_UNDECODABLE = {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)}
-_ESCAPES |= _UNDECODABLE
+_ESCAPES |= UNDECODABLE_BYTES
 
 
 def printable(text: str) -> str:
     """`text` with C0 and C1 control characters, DEL and the Unicode line separators escaped, as \\n or \\x1b,
     and the undecodable bytes of a file name as \\xff."""
     return text.translate(_ESCAPES)
-
-
-def unicode_text(text: str) -> str:
-    """`text` with the undecodable bytes of a file name as \\xff: text that UTF-8, and so JSON, can hold."""
-    return text.translate(_UNDECODABLE)

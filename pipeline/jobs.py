@@ -128,7 +128,8 @@ def list_data_caches(*, cache_dir: str | Path | None = None) -> list:
     recently used first, as a table; return them (train.cache.CacheEntry)."""
     import time
 
-    from train.cache import list_caches, shown
+    from serve.files import shown
+    from train.cache import list_caches
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})
@@ -153,7 +154,8 @@ def remove_data_caches(keys: Sequence[str], *, cache_dir: str | Path | None = No
     """Delete the data caches `keys` ("all": every one) under `cache_dir` (as list_data_caches), printing each.
     PipelineError for a key that is not there, before anything is deleted, or for a cache in use (naming the
     processes that hold it)."""
-    from train.cache import list_caches, remove_cache, shown
+    from serve.files import shown
+    from train.cache import list_caches, remove_cache
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})
@@ -174,7 +176,8 @@ def remove_unused_data_caches(days: float, *, cache_dir: str | Path | None = Non
     the process."""
     import time
 
-    from train.cache import CacheInUse, list_caches, remove_cache, shown
+    from serve.files import shown
+    from train.cache import CacheInUse, list_caches, remove_cache
     from train.data import cache_dir as default_cache_dir
 
     folder = default_cache_dir({"cache_dir": cache_dir})

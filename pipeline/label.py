@@ -195,8 +195,9 @@ def label_images(
     An image or folder that cannot be used is one `Error:` line on stderr (with --json, a line with an "error")
     and the others are still labelled; returns the exit code: 1 when anything failed, else 0.
     """
-    from pipeline.cli import printable, unicode_text
+    from pipeline.cli import printable
     from serve import Classifier
+    from serve.files import shown
 
     inputs: list[tuple[str, PipelineError | None]] = []  # (image or folder, why it cannot be used)
     for name in images:
@@ -221,7 +222,7 @@ def label_images(
     if as_json:
         import json
 
-        model = unicode_text(classifier.model_path)
+        model = shown(classifier.model_path)
     results = classifier.classify_many(paths, top_k, jobs=jobs or default_jobs(), batch_size=BATCH_SIZE)
     progress = Progress(len(paths))
     lines: list[str] = []
@@ -231,14 +232,14 @@ def label_images(
         if isinstance(result, PipelineError):
             failed += 1
             if as_json:
-                record = {"image": unicode_text(name), "model": model, "error": unicode_text(str(result))}
+                record = {"image": shown(name), "model": model, "error": shown(str(result))}
                 lines.append(json.dumps(record) + "\n")
             else:
                 _write(lines, progress)
                 progress.clear()
                 sys.stderr.write(f"Error: {printable(str(result))}\n")
         elif as_json:
-            record = {"image": unicode_text(name), "model": model, "predictions": [p._asdict() for p in result]}
+            record = {"image": shown(name), "model": model, "predictions": [p._asdict() for p in result]}
             lines.append(json.dumps(record) + "\n")
         else:
             if with_names:

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from serve.errors import PipelineError
 
 MiB = 1 << 20
+# A file name's bytes that are not UTF-8 reach Python as the surrogates U+DC80..U+DCFF (surrogateescape, whatever the
+# locale), which no output encoding, nor JSON, can hold: each is shown as the byte it stands for, \xff.
+UNDECODABLE_BYTES = {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(0x80, 0x100)}
 
 _FILE_TYPES = {
     stat.S_IFDIR: "a directory",
@@ -96,3 +99,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def shown(name: str | os.PathLike) -> str:
+    """A file name as text any output (and UTF-8, so JSON) can hold: its bytes that are not UTF-8 written \\xff."""
+    return os.fspath(name).translate(UNDECODABLE_BYTES)

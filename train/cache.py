@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.errors import ImageError, PipelineError
-from serve.files import atomic_path, read_regular_file, write_atomic
+from serve.files import atomic_path, read_regular_file, shown, write_atomic
 from serve.preprocess import MAX_IMAGE_BYTES, in_order, to_pixels
 
 FORMAT = "edge-pipeline data cache"
@@ -293,12 +293,6 @@ def _stat(path: Path) -> os.stat_result:
 def _source_name(identity: str) -> str:
     """A source's identity as a person reads it: a folder, or the folder of a data set's files."""
     return shown(os.path.commonpath(json.loads(identity)) if identity.startswith("[") else identity)
-
-
-def shown(name: str | os.PathLike) -> str:
-    """A file name as text any output can encode: bytes that are not UTF-8 (which Python holds as lone surrogates,
-    whatever the locale) written as Python writes undecodable bytes, \\xff."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def cache_key(source: Source, listing: list[list], size: int, channels: int) -> str:

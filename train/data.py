@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from serve.errors import PipelineError
+from serve.files import shown
 from serve.preprocess import IMAGE_EXTENSIONS
-from train.cache import ImageView, Source, Split, in_memory_if_small, open_cache, shown, verify_cache
+from train.cache import ImageView, Source, Split, in_memory_if_small, open_cache, verify_cache
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_CLASSES = [
