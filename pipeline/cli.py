@@ -32,8 +32,12 @@ def main() -> None:
 
         run()
     except PipelineError as err:
-        _error_line(printable(str(err)))
-        sys.exit(1)
+        if err.exit_code == 1:
+            _error_line(printable(str(err)))
+        elif str(err):  # not a failure: a run stopped by a signal, saved, to be continued (exit code 75)
+            sys.stdout.flush()
+            sys.stderr.write(f"{printable(str(err))}\n")
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)

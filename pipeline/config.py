@@ -42,6 +42,7 @@ DEFAULTS: dict = {
     "compression": "fp16",  # gradients sent between workers as fp16 (half the bytes) or "none" (float32)
     "mixed_precision": False,  # float16 compute on GPUs (untested here: no GPU)
     "keep_checkpoints": 3,  # per-epoch checkpoints kept (the best model is kept apart)
+    "checkpoint_minutes": 10.0,  # also a checkpoint inside an epoch this often (0: only at epochs' ends)
     "commit_every": 50,  # elastic training: batches between in-memory commits, which a lost worker rolls back to
     "seed": 42,
 }
@@ -111,6 +112,7 @@ LIMITS = {
     "batch_size": 65_536,
     "keep_checkpoints": 1000,
     "commit_every": 1_000_000,
+    "checkpoint_minutes": 525_600,  # a year
     "max_images_per_class": 1_000_000_000,
     "seed": 2**32 - 1,  # numpy's seeds
 }
@@ -184,6 +186,11 @@ def validate(config: dict) -> dict:
     )
     need(config["compression"] in ("fp16", "none"), "compression", "must be fp16 or none")
     need(
+        _is_number(config["checkpoint_minutes"]) and 0 <= config["checkpoint_minutes"] <= LIMITS["checkpoint_minutes"],
+        "checkpoint_minutes",
+        f"must be a number from 0 (off) to {LIMITS['checkpoint_minutes']}",
+    )
+    need(
         _is_number(config["warmup_epochs"]) and config["warmup_epochs"] >= 0,
         "warmup_epochs",
         "must be a finite number >= 0",
@@ -209,7 +216,7 @@ def validate(config: dict) -> dict:
     if config["model"] == "mobilenet_v2":
         need(config["input_size"] >= 32, "input_size", "mobilenet_v2 needs at least 32")
     # YAML reads `learning_rate=1` as an int; TensorFlow's schedules and layers want these as floats.
-    for key in ("width", "learning_rate", "dropout", "label_smoothing", "warmup_epochs"):
+    for key in ("width", "learning_rate", "dropout", "label_smoothing", "warmup_epochs", "checkpoint_minutes"):
         config[key] = float(config[key])
     return config
 

@@ -148,15 +148,25 @@ def average(value: float, name: str) -> float:
     return _allreduce(value, "Average", name)
 
 
-def minimum(value: float, name: str) -> float:
-    """The least of every worker's `value`; alone, `value`. A collective, as `average`."""
-    return _allreduce(value, "Min", name)
+def maximum(values: list[float], name: str) -> list[float]:
+    """The element-wise greatest of every worker's `values` (float64), in one collective; alone, `values`.
+    A collective, as `average`."""
+    if size() == 1:
+        return list(values)
+    return [float(v) for v in hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Max, name=name).numpy()]
 
 
 def _allreduce(value: float, op: str, name: str) -> float:
     if size() == 1:
         return value
     return float(hvd.allreduce(tf.constant(value, tf.float64), op=getattr(hvd, op), name=name))
+
+
+def allgather_object(value) -> list:
+    """Every worker's `value`, in rank order (a collective); alone, [value]."""
+    if size() == 1:
+        return [value]
+    return hvd.allgather_object(value)
 
 
 def allreduce_bytes_per_step(model, compression: str) -> int:
@@ -176,8 +186,5 @@ def weights_checksum(model) -> str:
 
 def all_checksums(model) -> list[str]:
     """Every rank's weights checksum, in rank order: equal when allreduce kept the replicas in step."""
-    mine = weights_checksum(model)
-    if size() == 1:
-        return [mine]
     # Horovod: gather the checksums, to prove the replicas stayed in step.
-    return hvd.allgather_object(mine)
+    return allgather_object(weights_checksum(model))

@@ -6,8 +6,11 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +27,11 @@ from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
 from train.rundir import (
     CHECKPOINT_PREFIX,
+    POSITION_FILE,
     check_resume,
     checkpoints,
+    inside_epoch_checkpoints,
+    latest_inside_epoch,
     nothing_to_resume,
     read_config,
     read_history,
@@ -45,8 +51,25 @@ class DivergedError(RunError):
     """A run whose loss became nan or inf: it stopped, and nothing of that epoch was saved."""
 
 
-# Batches between the workers' agreements on whether the loss went bad (StopOnNonFiniteLoss).
+class Stopped(RunError):
+    """A run stopped by SIGTERM or SIGUSR1 with its checkpoint written: `--resume` continues it where it stopped.
+    Exit code 75 (EX_TEMPFAIL of sysexits.h: "try again later"), which a job script can tell from a failure."""
+
+    exit_code = 75
+
+
+# Batches between the workers' agreements (Agreement): a loss gone bad, a stop signal, a checkpoint due.
 AGREE_EVERY = 10
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training starts: after `epoch` complete epochs, and `batches` batches into the next one when `folder`
+    is a checkpoint inside it (checkpoints/epoch_NNN_batch_BBBBBB); `folder` None is a new run."""
+
+    epoch: int
+    batches: int = 0
+    folder: Path | None = None
 
 
 def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
@@ -59,21 +82,21 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     run = run_dir(config)
     with contextlib.ExitStack() as lock:
 
-        def claim() -> int:
+        def claim() -> Position:
             lock.enter_context(run_lock(run, "training"))
-            return _start_epoch(run, config, resume, exist_ok)
+            return _start_position(run, config, resume, exist_ok)
 
         if distributed.elastic():
             return _train_elastic(run, config, claim)
         return _train(run, config, _on_chief(claim))
 
 
-def _train(run: Path, config: dict, start_epoch: int) -> Path:
+def _train(run: Path, config: dict, start: Position) -> Path:
     started = time.perf_counter()
     chief = distributed.is_chief()
     data = load_dataset(config)
     seconds = {"data": time.perf_counter() - started}
-    if start_epoch:
+    if start.folder:
         _on_chief(lambda: _check_same_data(run, data))
     keras.utils.set_random_seed(config["seed"])
     tf.config.experimental.enable_op_determinism()
@@ -81,38 +104,66 @@ def _train(run: Path, config: dict, start_epoch: int) -> Path:
     keras.backend.experimental.enable_tf_random_generator()
 
     model = _build(config, len(data.class_names))
-    steps_per_epoch = math.ceil(_shard_size(len(data.train_y)) / config["batch_size"])
+    count, workers, batch_size = len(data.train_y), distributed.size(), config["batch_size"]
+    steps_per_epoch = math.ceil(_shard_size(count) / batch_size)
     _compile(model, config, _schedule(config, steps_per_epoch), len(data.class_names))
     rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
-    history = _open(run, config, start_epoch, checkpoint) if chief else []
+    history, inside = _open(run, config, start, checkpoint) if chief else ([], None)
+    inside = distributed.broadcast_object(inside)  # position.json of a checkpoint inside an epoch, or None
     # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
     distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
     if chief:  # only now: a resume that fails must leave the run's config as it was
         _write_run_files(run, config, data, model)
     writer = None
-    if start_epoch < config["epochs"]:
-        # MetricAverage first: the others log averaged metrics. StopOnNonFiniteLoss before RunWriter: a diverged
-        # epoch writes no checkpoint.
-        callbacks = [distributed.MetricAverage(), StopOnNonFiniteLoss(run, config)]
+    if start.epoch < config["epochs"]:
+        first_images = resume_point(count, inside["images"], workers) if inside else 0
+
+        def save_inside_epoch(epoch: int, batches: int, images: int) -> None:
+            # Every worker's running metric sums: the epoch's metrics row must count the batches before the stop.
+            sums = distributed.allgather_object(_metric_sums(model))
+            if chief:
+                position = {"epoch": epoch + 1, "batches": batches, "images": images, "workers": workers}
+                _write_inside_epoch(run, checkpoint, position | {"metric_sums": sums})
+
+        agreement = Agreement(run, config, Position(start.epoch, start.batches), first_images, save_inside_epoch)
+        # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch writes
+        # no checkpoint, and a stop at the epoch's end is known before the epoch's checkpoint.
+        callbacks = [distributed.MetricAverage(), agreement]
         if chief:
-            images_per_epoch = _shard_size(len(data.train_y)) * distributed.size()
+            images_per_epoch = _shard_size(count) * workers
             allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
             writer = RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes)
             callbacks += [writer, EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)]
-        batches = train_batches(data, config, start_epoch)
-        validation = _eval_batches(data.val_x, data.val_y, len(data.class_names), config["batch_size"])
+        validation = _eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size)
         seconds["setup"] = time.perf_counter() - started - seconds["data"]
-        with _curves_on_failure(run, lambda: history if chief else []):
-            model.fit(
-                batches,
-                epochs=config["epochs"],
-                initial_epoch=start_epoch,
-                steps_per_epoch=steps_per_epoch,
-                validation_data=validation,
-                callbacks=callbacks,
-                verbose=(1 if sys.stdout.isatty() else 2) if chief else 0,
-            )
+        fit = dict(validation_data=validation, verbose=(1 if sys.stdout.isatty() else 2) if chief else 0)
+        epoch = start.epoch
+        with StopSignals() as agreement.signals, _curves_on_failure(run, lambda: history if chief else []):
+            if inside:  # the rest of the epoch the checkpoint stopped in, then the epochs after it
+                same_workers = inside["workers"] == workers
+                sums = inside["metric_sums"][distributed.rank()] if same_workers else None
+                first_step = start.batches if same_workers else 0
+                model.fit(
+                    epoch_batches(data, config, epoch, first_images, first_step),
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    steps_per_epoch=math.ceil((count - first_images) // workers / batch_size),
+                    callbacks=[AddMetricSums(sums), *callbacks],
+                    **fit,
+                )
+                epoch += 1
+            if epoch < config["epochs"] and not agreement.stopped:
+                model.fit(
+                    train_batches(data, config, epoch),
+                    epochs=config["epochs"],
+                    initial_epoch=epoch,
+                    steps_per_epoch=steps_per_epoch,
+                    callbacks=callbacks,
+                    **fit,
+                )
+        if agreement.stopped:
+            raise agreement.stop_error()
     seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
     seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
     seconds["bookkeeping"] = writer.bookkeeping_seconds if writer else 0.0
@@ -146,18 +197,19 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
     state = elastic.TrainingState(model, rngs, epoch=-1, batch=0, images=0, history=[], members=[])
     writers = []  # rank 0's RunWriter of each epoch, for their bookkeeping time
 
-    def begin() -> tuple[int, list[dict]]:
-        start_epoch = claim()
-        if start_epoch:
+    def begin() -> tuple[int, list[dict], int, int]:
+        start = claim()
+        if start.folder:
             _check_same_data(run, data)
-        history = _open(run, config, start_epoch, checkpoint)
+        history, inside = _open(run, config, start, checkpoint)
         _write_run_files(run, config, data, model)
-        return start_epoch, history
+        # Inside an epoch (a checkpoint a fixed-size job wrote when stopped): its images count as done.
+        return start.epoch, history, start.batches, inside["images"] if inside else 0
 
     @elastic.hvd_elastic.run
     def fit(state) -> list[str]:
         if state.epoch < 0:  # the job's start; a worker that joins later has rank 0's state, past it
-            state.epoch, state.history = _on_chief(begin)
+            state.epoch, state.history, state.batch, state.images = _on_chief(begin)
             distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
             state.commit()
         elastic.note_membership(state, run)
@@ -165,7 +217,7 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
             epoch, workers = state.epoch, distributed.size()
             done = resume_point(count, state.images, workers)
             del state.history[epoch:]  # a row written after the last commit, if any, is written again
-            callbacks = [distributed.MetricAverage(), StopOnNonFiniteLoss(run, config, state.batch)]
+            callbacks = [distributed.MetricAverage(), Agreement(run, config, Position(epoch, state.batch))]
             if distributed.is_chief():
                 images = (count - done) // workers * workers
                 allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
@@ -204,16 +256,33 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
     return _finish(run, config, data, state.history, model, seconds, checksums)
 
 
-def _open(run: Path, config: dict, start_epoch: int, checkpoint: tf.train.Checkpoint) -> list[dict]:
-    """On rank 0: empty the run directory for a new run, or restore a resumed one's checkpoint; its history."""
-    if start_epoch == 0:  # only now: a config, data or model that fails must not cost an old run
+def _open(run: Path, config: dict, start: Position, checkpoint: tf.train.Checkpoint) -> tuple[list[dict], dict | None]:
+    """On rank 0: empty the run directory for a new run, or restore a resumed one's checkpoint. Returns its
+    history, and the position.json of a checkpoint inside an epoch (None at an epoch's end)."""
+    if start.folder is None:  # only now: a config, data or model that fails must not cost an old run
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        return []
+        return [], None
     previous = read_config(run)
-    _restore(run / "checkpoints" / f"{CHECKPOINT_PREFIX}{start_epoch:03d}" / "ckpt", checkpoint, previous, config)
-    print(f"resuming {run} after epoch {start_epoch}", file=sys.stderr)
-    return [row for row in read_history(run) if row["epoch"] <= start_epoch]
+    inside = _read_position(start.folder / POSITION_FILE) if start.batches else None
+    _restore(start.folder / "ckpt", checkpoint, previous, config)
+    if inside:
+        workers = f", saved by {inside['workers']} workers" if inside["workers"] != distributed.size() else ""
+        print(f"resuming {run} inside epoch {start.epoch + 1}, after batch {start.batches}{workers}", file=sys.stderr)
+    else:
+        print(f"resuming {run} after epoch {start.epoch}", file=sys.stderr)
+    return [row for row in read_history(run) if row["epoch"] <= start.epoch], inside
+
+
+def _read_position(path: Path) -> dict:
+    """A checkpoint's position.json: where in its epoch it was written, and every worker's metric sums."""
+    position = read_run_json(path)
+    fields = {"epoch": int, "batches": int, "images": int, "workers": int, "metric_sums": list}
+    if not isinstance(position, dict) or any(not isinstance(position.get(k), t) for k, t in fields.items()):
+        raise RunError(f"{path}: not a checkpoint position (fields {', '.join(fields)}); resume from another --name")
+    if len(position["metric_sums"]) != position["workers"] or position["images"] < 0:
+        raise RunError(f"{path}: its metric sums do not match its {position['workers']} workers")
+    return position
 
 
 def _write_run_files(run: Path, config: dict, data: Dataset, model) -> None:
@@ -290,26 +359,30 @@ def _shard_size(count: int) -> int:
     return count // distributed.size()
 
 
-def _start_epoch(run: Path, config: dict, resume: bool, exist_ok: bool) -> int:
-    """The epoch to start from: 0 for a new run, which may replace an old one only with exist_ok, or a resume with
-    nothing to resume yet (what it replaces finished no epoch); a resumed run must keep the settings that define it.
+def _start_position(run: Path, config: dict, resume: bool, exist_ok: bool) -> Position:
+    """Where to start: a new run, which may replace an old one only with exist_ok, or a resume with nothing to
+    resume yet (what it replaces finished no epoch); or, resuming, the newest checkpoint -- inside an epoch if one
+    was written after the last epoch's. A resumed run must keep the settings that define it.
     Decided on rank 0 alone, under the run's lock, and broadcast: every worker takes the same decision."""
     if resume:
         if nothing_to_resume(run):
             print(f"{run}: nothing to resume yet, starting it", file=sys.stderr)
-            return 0
-        found = checkpoints(run)
-        if not found:
+            return Position(0)
+        found, inside = checkpoints(run), latest_inside_epoch(run)
+        if not found and not inside:
             raise RunError(f"{run}: no complete checkpoint to resume from; start it over with --exist-ok")
         check_resume(run, read_config(run), config)
-        return found[-1][0]
+        if inside:
+            epoch, batches, folder = inside
+            return Position(epoch - 1, batches, folder)
+        return Position(found[-1][0], 0, found[-1][1])
     if run.exists() and any(run.iterdir()):
         if not exist_ok:
             raise RunError(
                 f"{run}: run directory already exists; pass --resume to continue it, --exist-ok to start it "
                 "over, or --name for a new run"
             )
-    return 0
+    return Position(0)
 
 
 def _check_same_data(run: Path, data: Dataset) -> None:
@@ -396,14 +469,16 @@ def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Data
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def epoch_batches(data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0) -> tf.data.Dataset:
-    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`).
-    Each batch's images are read from data.train_x when it is due, several in parallel: the split is never
-    held whole."""
+def epoch_batches(
+    data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0, first_step: int = 0
+) -> tf.data.Dataset:
+    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`), the
+    first being the epoch's step `first_step` (which seeds its augmentation). Each batch's images are read from
+    data.train_x when it is due, several in parallel: the split is never held whole."""
     images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
     workers, rank = distributed.size(), distributed.rank()
     shard = remaining_indices(len(data.train_y), config["seed"], epoch, done, rank, workers)
-    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate()
+    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate(first_step)
 
     @_as_written
     def load(step, indices):
@@ -464,52 +539,166 @@ def _predicted_classes(classes, x: np.ndarray) -> np.ndarray:
     return classes.predict(_image_batches(x, 256), verbose=0)
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training once the loss is nan or inf, before anything of that epoch is saved: a diverged run must not
-    go on to a best.keras and a summary.json at chance accuracy. It reads the loss Keras reports after each batch
-    (the epoch's running mean: nan or inf from the first bad batch on), and at the epoch's end val_loss too (the
-    last batch's update may be the one that diverged), before RunWriter's checkpoint.
+class StopSignals:
+    """While training: SIGTERM and SIGUSR1 -- what Slurm sends to preempt or requeue a job, and before its time
+    limit with `--signal` -- are noted instead of ending the process, so that Agreement can stop every worker at
+    one batch and write the checkpoint first. Later signals change nothing: SIGKILL follows after Slurm's KillWait.
+    Outside the main thread (no handlers can be set there) it notes nothing."""
 
-    Keras reports each worker's own loss. So that every worker of a job stops at the same batch, and none is left
-    waiting in a collective, they agree every AGREE_EVERY batches and at the epoch's end on the first bad batch of
-    any of them (one scalar allreduce, 1.4-2.7 ms on 2 CPU workers: every batch it would cost ~2% of a small CNN's
-    72 ms 2-worker step, more where steps are shorter). A job thus stops up to AGREE_EVERY - 1 batches after the bad
-    one, all its workers at the same batch; one process alone stops at it."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the first signal's name
+        self.at = 0.0  # its time.monotonic()
+        self._before: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._before = {number: signal.signal(number, self._note) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._before.items():
+            signal.signal(number, handler)
+
+    def _note(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received, self.at = signal.Signals(number).name, time.monotonic()
+
+
+class Agreement(keras.callbacks.Callback):
+    """What the workers of a job must decide together, at the same batch, so that none is left waiting in a
+    collective: every AGREE_EVERY batches of the epoch and at its end (one process alone: every batch), one
+    allreduce of three numbers says
+    - whether the loss went nan or inf on any worker, and at which batch first: stop, nothing of the epoch saved
+      (DivergedError). Keras reports each worker's own loss (the epoch's running mean: non-finite from the first
+      bad batch on); at the epoch's end val_loss is checked too, before RunWriter's checkpoint;
+    - whether any worker got SIGTERM or SIGUSR1 (StopSignals): `save_inside_epoch` writes a checkpoint at this
+      batch, and the run stops (Stopped); at the epoch's end it stops after RunWriter's checkpoint;
+    - whether rank 0's clock says a periodic checkpoint is due (checkpoint_minutes): `save_inside_epoch`, go on.
+
+    The allreduce costs 1.4-2.7 ms on 2 CPU workers: every batch it would be ~2% of a small CNN's 72 ms 2-worker
+    step. A job thus stops up to AGREE_EVERY - 1 batches after a bad batch or a signal, all workers at one batch.
+    Batches are numbered within the epoch from `start.batches` in `start.epoch` (a resumed epoch), from 0 after."""
 
     _supports_tf_logs = True  # only the loss is read: the other metrics stay tensors, not copied every batch
 
-    def __init__(self, run: Path, config: dict, first_batch: int = 0) -> None:
+    def __init__(self, run: Path, config: dict, start: Position, first_images: int = 0, save_inside_epoch=None):
         super().__init__()
-        self.run, self.learning_rate, self.first_batch = run, config["learning_rate"], first_batch
-        self.epoch, self.first_bad = 0, math.inf  # this worker's first batch with a non-finite loss
+        self.run, self.learning_rate, self.start = run, config["learning_rate"], start
+        self.batch_images = config["batch_size"] * distributed.size()
+        self.period = config["checkpoint_minutes"] * 60
+        self.first_images, self.save_inside_epoch = first_images, save_inside_epoch
+        self.signals: StopSignals | None = None
+        self.stopped = ""  # where every worker stopped, once they agreed to
+        self.epoch, self.first_batch, self.images_before, self.first_bad = 0, 0, 0, math.inf
+        self.signal_batch = 0  # the batch at whose end this worker first saw the signal
+        self.last_saved = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
+        resumed = epoch == self.start.epoch
         self.epoch, self.first_bad = epoch, math.inf
+        self.first_batch = self.start.batches if resumed else 0
+        self.images_before = self.first_images if resumed else 0
 
     def on_train_batch_end(self, batch, logs=None):
         number, loss = self.first_batch + batch + 1, float(logs["loss"])
         if self.first_bad == math.inf and not math.isfinite(loss):
             self.first_bad = number
-        if distributed.size() == 1 or number % AGREE_EVERY == 0:
-            self._agree(loss)
+        if self.signals and self.signals.received and not self.signal_batch:
+            self.signal_batch = number
+        last = batch + 1 == self.params["steps"]  # the epoch's end agrees next, with its checkpoint
+        if not last and (distributed.size() == 1 or number % AGREE_EVERY == 0):
+            stop, due = self._agree(loss)
+            if stop or due:
+                images = self.images_before + (batch + 1) * self.batch_images
+                self.save_inside_epoch(self.epoch, number, images)
+                self.last_saved = time.monotonic()
+            if stop:
+                self.stopped = f"at epoch {self.epoch + 1} batch {number}"
+                raise self.stop_error()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._agree(logs["loss"])
+        stop, _ = self._agree(logs["loss"])
         if not math.isfinite(logs.get("val_loss", 0.0)):  # averaged over the workers by MetricAverage
-            self._stop(f"val_loss became {logs['val_loss']} at the end of epoch {epoch + 1}")
+            self._diverged(f"val_loss became {logs['val_loss']} at the end of epoch {epoch + 1}")
+        self.last_saved = time.monotonic()  # RunWriter's checkpoint follows
+        if stop:  # RunWriter saves the epoch, then fit ends and _train raises stop_error()
+            self.model.stop_training = True
+            self.stopped = f"at the end of epoch {epoch + 1}"
 
-    def _agree(self, loss: float) -> None:
-        """Stop if any worker's loss went bad (a collective in a job: every worker calls it at the same batch)."""
-        first_bad = distributed.minimum(self.first_bad, "loss.first_bad")
-        if first_bad != math.inf:
+    def _agree(self, loss: float) -> tuple[bool, bool]:
+        """(stop, checkpoint due), the same on every worker (a collective in a job: every worker calls it at the
+        same batch); raises DivergedError if any worker's loss went bad."""
+        signalled = 1.0 if self.signals and self.signals.received else 0.0
+        due = distributed.is_chief() and self.period > 0 and time.monotonic() - self.last_saved >= self.period
+        first_bad, stop, due = distributed.maximum([-self.first_bad, signalled, float(due)], "agreement")
+        if first_bad != -math.inf:
             loss = distributed.average(loss, "loss.bad")  # nan if any worker's is nan, else inf
-            self._stop(f"loss became {loss} at epoch {self.epoch + 1} batch {int(first_bad)}")
+            self._diverged(f"loss became {loss} at epoch {self.epoch + 1} batch {int(-first_bad)}")
+        return bool(stop and self.save_inside_epoch), bool(due and self.save_inside_epoch)
 
-    def _stop(self, what: str):
+    def stop_error(self) -> Stopped:
+        """The error every worker ends with once they stopped, their checkpoint written: rank 0's says why and when,
+        the others' say nothing (one line for the job)."""
+        if not distributed.is_chief():
+            return Stopped("")
+        name = self.signals.received or "a stop signal"  # another worker's, if not this one's
+        after = f" after batch {self.signal_batch}" if self.signal_batch else ""
+        when = f" {time.monotonic() - self.signals.at:.1f} s after the signal" if self.signals.received else ""
+        who = "every worker stopped" if distributed.size() > 1 else "stopped"
+        return Stopped(
+            f"{self.run}: {name}{after}: {who} {self.stopped}, checkpoint written{when}; "
+            "the same command with --resume continues it there"
+        )
+
+    def _diverged(self, what: str):
         done = checkpoints(self.run)
         again = f"--resume from epoch {done[-1][0]}" if done else "start over with --exist-ok"
         lower = f"lower learning_rate ({self.learning_rate:g}), then {again}"
         raise DivergedError(f"{self.run}: {what}, so the epoch was not saved: {lower}")
+
+
+class AddMetricSums(keras.callbacks.Callback):
+    """In an epoch resumed from a checkpoint inside it: after its first batch, adds the metric sums saved there
+    (`_metric_sums`) to the metrics, so that the epoch's row counts the batches before the stop as an
+    uninterrupted epoch's does. (Keras builds its metrics at the first batch and resets them at each epoch's
+    start: this is the first moment they can be added to.) None: nothing to add (another number of workers)."""
+
+    def __init__(self, sums: list | None) -> None:
+        super().__init__()
+        self.sums = sums
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.sums is not None:
+            for variable, saved in zip(_metric_variables(self.model), self.sums):
+                variable.assign_add(tf.constant(saved, variable.dtype))
+            self.sums = None
+
+
+def _metric_variables(model) -> list:
+    """The variables behind the model's running training metrics: each a (total, count) pair, sums all."""
+    return [variable for metric in model.metrics for variable in metric.variables]
+
+
+def _metric_sums(model) -> list:
+    return [variable.numpy().tolist() for variable in _metric_variables(model)]
+
+
+def _write_inside_epoch(run: Path, checkpoint: tf.train.Checkpoint, position: dict) -> None:
+    """A checkpoint inside an epoch (train/rundir.py), written to a temp folder and renamed; older ones inside
+    epochs are removed once it is in place."""
+    folder = run / "checkpoints"
+    name = f"{CHECKPOINT_PREFIX}{position['epoch']:03d}_batch_{position['batches']:06d}"
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.write(str(tmp / "ckpt"))
+    write_atomic(tmp / POSITION_FILE, json.dumps(position | {"written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    shutil.rmtree(folder / name, ignore_errors=True)
+    tmp.rename(folder / name)
+    for _, _, old in inside_epoch_checkpoints(run):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):
@@ -583,6 +772,8 @@ class RunWriter(keras.callbacks.Callback):
         self.checkpoint.write(str(tmp / "ckpt"))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        for _, _, inside in inside_epoch_checkpoints(self.run):  # this epoch's end supersedes them
+            shutil.rmtree(inside, ignore_errors=True)
         for number, old in checkpoints(self.run)[: -self.keep]:
             if number != self.best_epoch:
                 shutil.rmtree(old, ignore_errors=True)

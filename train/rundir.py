@@ -4,6 +4,9 @@ A run directory (what later stages read):
     config.yaml            the resolved config
     data.json              data source, fingerprint, class names, split sizes, skipped files
     checkpoints/epoch_NNN/ model + optimizer state after epoch NNN (written to a temp dir, then renamed)
+    checkpoints/epoch_NNN_batch_BBBBBB/
+                           the same inside epoch NNN after BBBBBB batches (a stop signal, or every
+                           checkpoint_minutes), with position.json: images done, workers, metric sums
     best.keras             the model with the best validation accuracy so far
     metrics.csv/.json      one row per epoch
     curves.png, confusion_matrix.png, tensorboard/
@@ -31,6 +34,9 @@ from serve.errors import PipelineError
 from serve.files import MiB, read_regular_file, write_atomic
 
 CHECKPOINT_PREFIX = "epoch_"
+# A checkpoint inside an epoch: epoch_003_batch_000150 holds the state after 150 batches of epoch 3.
+INSIDE_EPOCH = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)_batch_(\d+)$")
+POSITION_FILE = "position.json"
 # The largest YAML config (a --config file, a run's config.yaml) and other run file (metrics.json, data.json with
 # its list of skipped images) read back: far above any real one, far below what would exhaust memory.
 CONFIG_LIMIT = 1 * MiB
@@ -156,11 +162,35 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def inside_epoch_checkpoints(run: Path) -> list[tuple[int, int, Path]]:
+    """Complete checkpoints written inside an epoch, as (epoch, batches done in it, folder), oldest first."""
+    found = []
+    for path in (run / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*_batch_*"):
+        match = INSIDE_EPOCH.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), int(match[2]), path))
+    return sorted(found)
+
+
+def latest_inside_epoch(run: Path) -> tuple[int, int, Path] | None:
+    """The checkpoint inside an epoch to resume from: the newest one, if it lies inside the epoch after the last
+    complete one (an older one is stale: its epoch ended and was saved)."""
+    inside = inside_epoch_checkpoints(run)
+    done = checkpoints(run)
+    last_epoch = done[-1][0] if done else 0
+    if inside and inside[-1][0] == last_epoch + 1:
+        return inside[-1]
+    return None
+
+
 def nothing_to_resume(run: Path) -> bool:
-    """Whether `--resume` of `run` starts it instead: no complete checkpoint and no epoch's results (a run killed in
-    its first epoch, or never started). A run with metrics or a model but no checkpoint left is not started over."""
+    """Whether `--resume` of `run` starts it instead: no complete checkpoint, none inside an epoch, and no epoch's
+    results (a run killed early in its first epoch, or never started). A run with metrics or a model but no
+    checkpoint left is not started over."""
     trained = ("metrics.json", "best.keras", "summary.json")
-    return not checkpoints(run) and not any(os.path.lexists(run / name) for name in trained)
+    if checkpoints(run) or inside_epoch_checkpoints(run):
+        return False
+    return not any(os.path.lexists(run / name) for name in trained)
 
 
 def versions() -> dict:
