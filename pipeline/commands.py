@@ -122,7 +122,7 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     default=120,
     show_default=True,
     help="Seconds a stalled worker may hold up the others before the job stops (--workers) or goes on without "
-    "it (--min-workers).",
+    "it (--min-workers); under srun, also the longest wait for every task at the rendezvous.",
 )
 @click.option("--ssh-port", type=click.IntRange(1, 65535), help="With --workers: the ssh port of every host.")
 @click.option(
@@ -143,7 +143,8 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, commit_every, compression and cache_dir "
     "(and --workers), not what defines the run (its data, split, model, seed, augmentation or loss). With "
     "nothing to resume yet (no such run, or one that finished no epoch) it starts the run, as without "
-    "--resume: the same command line starts a job and continues it when requeued.",
+    "--resume, from --config: the same command line starts a job and continues it when requeued. A run stopped by "
+    "SIGTERM or SIGUSR1 (exit code 75) continues inside its epoch, where it stopped.",
 )
 @click.option(
     "--exist-ok",
@@ -187,7 +188,10 @@ def train(
     Several processes:  pipeline train --workers 2 ...
     Several machines:   pipeline train --workers 8 --hosts host1:4,host2:4 ...
     Elastic:            pipeline train --min-workers 2 --max-workers 8 --host-discovery-script ./hosts.sh ...
+    In a Slurm job:     srun pipeline train ...   (each task a worker; examples/slurm/)
     or under Horovod's launcher yourself: horovodrun -np 2 -H localhost:2 pipeline train ...
+
+    SIGTERM or SIGUSR1 stops every worker at one batch with a checkpoint: exit code 75, continue with --resume.
     """
     from pipeline.config import config_file_path, parse_override, train_config
 
@@ -205,20 +209,21 @@ def train(
         raise click.UsageError("--min-workers needs --host-discovery-script or --hosts (two hosts or more)")
     if max_workers and max_workers < min_workers:
         raise click.UsageError(f"--max-workers {max_workers} is less than --min-workers {min_workers}")
-    if resume and config_path is not None:
-        raise click.UsageError("--resume continues with the run's own config.yaml; drop --config")
     values = dict(parse_override(text) for text in overrides)
     options = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, name=name, compression=compression)
     values |= {key: value for key, value in (options | {"pretrained": pretrained}).items() if value is not None}
     config = train_config(config_path, values, resume=resume)  # checked here, before any worker starts
+    from train.slurm import in_slurm_step
 
+    if in_slurm_step() and (workers or min_workers):
+        raise click.UsageError("inside srun every task is a worker already: drop --workers and --min-workers")
     if workers or min_workers:
         from train.launch import run_elastic_workers, run_workers
 
         # Each worker resolves the same config file and overrides, so all train the same thing.
         args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
         args += ["--verify-data"] if verify_data else []
-        if not resume:
+        if not resume or config_path is not None:
             args += ["--config", config_file_path(config_path)]
         for key, value in values.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
@@ -238,7 +243,11 @@ def train(
             run_workers(workers, hosts, args, worker_timeout, ssh_port, ssh_identity_file, network_interface)
         return
 
-    if "HOROVOD_RANK" in os.environ:  # one of horovodrun's workers: it must not outlive its launcher
+    if in_slurm_step():  # one task of `srun pipeline train`: a worker of the step's Horovod job
+        from train.slurm import join_slurm_step
+
+        join_slurm_step(worker_timeout)
+    elif "HOROVOD_RANK" in os.environ:  # one of horovodrun's workers: it must not outlive its launcher
         from train.launch import watch_over_worker
 
         watch_over_worker()

@@ -82,13 +82,16 @@ def config_file_path(value: str | None) -> str:
 
 def train_config(config_path: str | None, overrides: dict, resume: bool = False) -> dict:
     """The config `pipeline train` runs: a config file (a path or a name in configs/) with the overrides; or,
-    to resume, the run's own config.yaml with the overrides, which may not change what defines the run. A resume
-    with nothing to resume yet (train/rundir.py nothing_to_resume) is a new run's config."""
+    to resume, the run's own config.yaml with the config file's settings (if one is given) and the overrides over
+    it, which may not change what defines the run. A resume with nothing to resume yet (train/rundir.py
+    nothing_to_resume) is a new run's config: the same command line starts a run and continues it."""
     if resume:
-        where = load_config(None, {key: value for key, value in overrides.items() if key in ("name", "runs_dir")})
+        given = read_settings(config_file_path(config_path), ConfigError) if config_path is not None else {}
+        given |= overrides
+        where = load_config(None, {key: value for key, value in given.items() if key in ("name", "runs_dir")})
         run = Path(where["runs_dir"]) / where["name"]
         if not nothing_to_resume(run):
-            config = load_config(run / "config.yaml", overrides)
+            config = load_config(run / "config.yaml", given)
             check_resume(run, load_config(run / "config.yaml"), config)
             return config
     config = load_config(config_file_path(config_path), overrides)
