@@ -27,6 +27,7 @@ from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
 from train.rundir import (
     CHECKPOINT_PREFIX,
+    MOVING_STATS_FILE,
     POSITION_FILE,
     check_resume,
     checkpoints,
@@ -96,6 +97,11 @@ def _train(run: Path, config: dict, start: Position) -> Path:
     chief = distributed.is_chief()
     data = load_dataset(config)
     seconds = {"data": time.perf_counter() - started}
+    if len(data.train_y) < distributed.size():  # every worker decides the same, before any collective
+        raise RunError(
+            f"{data.source}: {len(data.train_y)} training images for {distributed.size()} workers, who need one "
+            f"each at least: start at most {len(data.train_y)} workers (srun -n, --workers), or train on more data"
+        )
     if start.folder:
         _on_chief(lambda: _check_same_data(run, data))
     keras.utils.set_random_seed(config["seed"])
@@ -120,11 +126,13 @@ def _train(run: Path, config: dict, start: Position) -> Path:
         first_images = resume_point(count, inside["images"], workers) if inside else 0
 
         def save_inside_epoch(epoch: int, batches: int, images: int) -> None:
-            # Every worker's running metric sums: the epoch's metrics row must count the batches before the stop.
-            sums = distributed.allgather_object(_metric_sums(model))
+            # What differs between the workers: their running metric sums, which the epoch's metrics row averages,
+            # and BatchNorm's moving statistics, with which each one validates.
+            states = distributed.allgather_object((_metric_sums(model), [v.numpy() for v in _moving_stats(model)]))
             if chief:
                 position = {"epoch": epoch + 1, "batches": batches, "images": images, "workers": workers}
-                _write_inside_epoch(run, checkpoint, position | {"metric_sums": sums})
+                sums, moving = zip(*states)
+                _write_inside_epoch(run, checkpoint, position | {"metric_sums": list(sums)}, list(moving))
 
         agreement = Agreement(run, config, Position(start.epoch, start.batches), first_images, save_inside_epoch)
         # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch writes
@@ -143,6 +151,9 @@ def _train(run: Path, config: dict, start: Position) -> Path:
             if inside:  # the rest of the epoch the checkpoint stopped in, then the epochs after it
                 same_workers = inside["workers"] == workers
                 sums = inside["metric_sums"][distributed.rank()] if same_workers else None
+                if same_workers:
+                    for variable, value in zip(_moving_stats(model), inside["moving_stats"][distributed.rank()]):
+                        variable.assign(value)
                 first_step = start.batches if same_workers else 0
                 model.fit(
                     epoch_batches(data, config, epoch, first_images, first_step),
@@ -264,7 +275,7 @@ def _open(run: Path, config: dict, start: Position, checkpoint: tf.train.Checkpo
         run.mkdir(parents=True)
         return [], None
     previous = read_config(run)
-    inside = _read_position(start.folder / POSITION_FILE) if start.batches else None
+    inside = _read_position(start.folder) if start.batches else None
     _restore(start.folder / "ckpt", checkpoint, previous, config)
     if inside:
         workers = f", saved by {inside['workers']} workers" if inside["workers"] != distributed.size() else ""
@@ -274,15 +285,25 @@ def _open(run: Path, config: dict, start: Position, checkpoint: tf.train.Checkpo
     return [row for row in read_history(run) if row["epoch"] <= start.epoch], inside
 
 
-def _read_position(path: Path) -> dict:
-    """A checkpoint's position.json: where in its epoch it was written, and every worker's metric sums."""
+def _read_position(folder: Path) -> dict:
+    """A checkpoint inside an epoch's position.json -- where in its epoch it was written, every worker's metric
+    sums -- with every worker's BatchNorm moving statistics from its moving_stats.npz, as "moving_stats"."""
+    path = folder / POSITION_FILE
     position = read_run_json(path)
     fields = {"epoch": int, "batches": int, "images": int, "workers": int, "metric_sums": list}
     if not isinstance(position, dict) or any(not isinstance(position.get(k), t) for k, t in fields.items()):
-        raise RunError(f"{path}: not a checkpoint position (fields {', '.join(fields)}); resume from another --name")
+        raise RunError(f"{path}: not a checkpoint position (fields {', '.join(fields)}); start over with --exist-ok")
     if len(position["metric_sums"]) != position["workers"] or position["images"] < 0:
         raise RunError(f"{path}: its metric sums do not match its {position['workers']} workers")
-    return position
+    try:
+        with np.load(folder / MOVING_STATS_FILE, allow_pickle=False) as arrays:
+            moving = [
+                [arrays[f"rank{r}_{i}"] for i in range(len(arrays) // position["workers"])]
+                for r in range(position["workers"])
+            ]
+    except (OSError, ValueError, KeyError) as err:
+        raise RunError(f"{folder / MOVING_STATS_FILE}: cannot be read ({err}); start over with --exist-ok") from None
+    return position | {"moving_stats": moving}
 
 
 def _write_run_files(run: Path, config: dict, data: Dataset, model) -> None:
@@ -685,15 +706,22 @@ def _metric_sums(model) -> list:
     return [variable.numpy().tolist() for variable in _metric_variables(model)]
 
 
-def _write_inside_epoch(run: Path, checkpoint: tf.train.Checkpoint, position: dict) -> None:
-    """A checkpoint inside an epoch (train/rundir.py), written to a temp folder and renamed; older ones inside
-    epochs are removed once it is in place."""
+def _moving_stats(model) -> list:
+    """BatchNorm's moving means and variances: each worker's own, from its own batches (not allreduced)."""
+    return [variable for variable in model.non_trainable_variables if "moving_" in variable.name]
+
+
+def _write_inside_epoch(run: Path, checkpoint: tf.train.Checkpoint, position: dict, moving: list) -> None:
+    """A checkpoint inside an epoch (train/rundir.py) with every worker's `moving` statistics, written to a temp
+    folder and renamed; older ones inside epochs are removed once it is in place."""
     folder = run / "checkpoints"
     name = f"{CHECKPOINT_PREFIX}{position['epoch']:03d}_batch_{position['batches']:06d}"
     tmp = folder / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.write(str(tmp / "ckpt"))
     write_atomic(tmp / POSITION_FILE, json.dumps(position | {"written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    arrays = {f"rank{rank}_{i}": value for rank, values in enumerate(moving) for i, value in enumerate(values)}
+    np.savez(tmp / MOVING_STATS_FILE, **arrays)
     shutil.rmtree(folder / name, ignore_errors=True)
     tmp.rename(folder / name)
     for _, _, old in inside_epoch_checkpoints(run):

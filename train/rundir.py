@@ -6,7 +6,8 @@ A run directory (what later stages read):
     checkpoints/epoch_NNN/ model + optimizer state after epoch NNN (written to a temp dir, then renamed)
     checkpoints/epoch_NNN_batch_BBBBBB/
                            the same inside epoch NNN after BBBBBB batches (a stop signal, or every
-                           checkpoint_minutes), with position.json: images done, workers, metric sums
+                           checkpoint_minutes), with position.json (images done, workers, their metric
+                           sums) and moving_stats.npz (each worker's BatchNorm statistics)
     best.keras             the model with the best validation accuracy so far
     metrics.csv/.json      one row per epoch
     curves.png, confusion_matrix.png, tensorboard/
@@ -37,6 +38,7 @@ CHECKPOINT_PREFIX = "epoch_"
 # A checkpoint inside an epoch: epoch_003_batch_000150 holds the state after 150 batches of epoch 3.
 INSIDE_EPOCH = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)_batch_(\d+)$")
 POSITION_FILE = "position.json"
+MOVING_STATS_FILE = "moving_stats.npz"  # every worker's BatchNorm moving statistics, in a checkpoint inside an epoch
 # The largest YAML config (a --config file, a run's config.yaml) and other run file (metrics.json, data.json with
 # its list of skipped images) read back: far above any real one, far below what would exhaust memory.
 CONFIG_LIMIT = 1 * MiB
