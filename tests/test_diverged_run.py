@@ -88,9 +88,11 @@ AGREEMENT = textwrap.dedent(
     prepare()
     import tensorflow as tf
     from train import distributed
-    from train.run import DivergedError, StopOnNonFiniteLoss
+    from train.run import Agreement, DivergedError, Position
     distributed.init()
-    callback = StopOnNonFiniteLoss(Path(sys.argv[1]), {"learning_rate": 0.5})
+    settings = {"learning_rate": 0.5, "batch_size": 32, "checkpoint_minutes": 0.0}
+    callback = Agreement(Path(sys.argv[1]), settings, Position(0))
+    callback.set_params({"steps": 100})
     callback.on_epoch_begin(0)
     for batch in range(40):
         loss = math.nan if distributed.rank() == 1 and batch >= 2 else 0.5
