@@ -113,3 +113,21 @@ def test_checkpoint_minutes_is_checked(tmp_path):
         )
         assert result.returncode == 1
         assert result.stderr.startswith("Error: checkpoint_minutes=") and "from 0 (off) to 525600" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_workers_launcher_stops_both_workers_with_a_checkpoint(tmp_path):
+    run = tmp_path / "pair"
+    launcher = start(tmp_path, "pair", "--workers", "2")
+    wait_for(lambda: (run / "checkpoints" / "epoch_001").is_dir(), launcher)
+    time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)  # passed on to the workers, not left to horovodrun's 5 s before SIGKILL
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == STOPPED, stderr
+    (saved,) = inside_epoch(run)
+    batch = int(saved.rpartition("_")[2])
+    assert batch % 10 == 0  # two workers agree every 10 batches
+    assert f"{run}: SIGTERM after batch " in stderr and f"every worker stopped at epoch 2 batch {batch}," in stderr
+    result = run_pipeline("train", "--workers", "2", "--name", "pair", "--resume", "--set", f"runs_dir={tmp_path}")
+    assert f"resuming {run} inside epoch 2, after batch {batch}" in result.stderr
+    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [1, 2, 3]

@@ -122,6 +122,11 @@ def broadcast_from_chief(variables: list) -> None:
         hvd.broadcast_variables(variables, root_rank=0)
 
 
+def barrier() -> None:
+    """Wait until every worker comes here (a collective)."""
+    broadcast_object(None)
+
+
 def broadcast_object(value):
     """Rank 0's `value` on every worker."""
     if size() == 1:

@@ -30,6 +30,13 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 HEARTBEAT_VARIABLE = "PIPELINE_HEARTBEAT"
 HEARTBEAT = "pipeline: worker alive"
 HEARTBEAT_LINE = re.compile(rf"^{re.escape(HEARTBEAT)} on (\S+)$")
+STOPPED_EXIT_CODE = 75  # train/run.py's Stopped: a worker stopped by a signal, its checkpoint written
+
+
+class JobStopped(PipelineError):
+    """The workers stopped on a signal this launcher passed on, with their checkpoint (rank 0 said so)."""
+
+    exit_code = STOPPED_EXIT_CODE
 
 
 def rank_hosts(hosts: str, workers: int) -> list[str]:
@@ -117,14 +124,48 @@ def run_workers(
         else:
             print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
 
+    forwarded = _forward_stop_signals(process)
     launcher_lines, worker_errors = _relay(process, show, heard)
     worker_errors = {**ssh_errors, **worker_errors}
     code = process.wait()
+    if forwarded and re.search(rf"^Exit code: {STOPPED_EXIT_CODE}\s*$", "\n".join(launcher_lines), re.M):
+        raise JobStopped("")  # rank 0's line says where, relayed above
     if stalled:
         rank, seconds = next(iter(stalled.items()))
         raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
     if code != 0:
         raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
+
+
+def _forward_stop_signals(process: subprocess.Popen) -> list[str]:
+    """From now on, SIGTERM and SIGUSR1 to this launcher go to the workers on this machine (horovodrun would give
+    them 5 s, then SIGKILL): any worker's signal stops every worker at one batch with a checkpoint (train/run.py
+    Agreement), then each exits with code 75. With no worker here (all on other hosts) the job is stopped as a
+    whole. Returns the list the names of the signals passed on are appended to."""
+    forwarded: list[str] = []
+
+    def forward(number: int, frame) -> None:
+        forwarded.append(signal.Signals(number).name)
+        workers = [pid for pid in _descendants(process.pid) if _is_worker(pid)]
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, number)
+        if not workers:
+            process.terminate()
+
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, forward)
+    return forwarded
+
+
+def _is_worker(pid: int) -> bool:
+    """Whether process `pid` runs `python -m pipeline ...` itself (not a shell or ssh that starts one)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            argv = file.read().split(b"\0")
+    except OSError:
+        return False
+    return any(argv[i : i + 2] == [b"-m", b"pipeline"] for i in range(len(argv) - 1))
 
 
 def _job_env(timeout: int, gloo_timeout: int) -> dict[str, str]:
@@ -320,23 +361,9 @@ def _kill_worker(horovodrun: int, worker: int, host: str) -> list[str]:
     """SIGKILL, among horovodrun's descendants, the shell that started worker `worker` (its first rank, the
     number in front of its lines) on `host`, and what it runs: the worker itself, or the ssh that reaches it.
     Returns the hosts of the workers killed. Linux (/proc) only; elsewhere kills nothing."""
-    try:
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:  # no /proc: not Linux
-        return []
-    children: dict[int, list[int]] = {}
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/stat") as file:
-                stat = file.read()
-            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # the field after the state, after the name
-            children.setdefault(parent, []).append(int(pid))
-
-    def subtree(pid: int) -> list[int]:
-        return [pid] + [below for child in children.get(pid, []) for below in subtree(child)]
-
+    children = _children()
     hosts, killed = [], set()
-    for pid in subtree(horovodrun)[1:]:
+    for pid in _descendants(horovodrun, children):
         if pid in killed:  # under a shell already killed: its ssh names the worker's rank too
             continue
         with contextlib.suppress(OSError):
@@ -345,12 +372,34 @@ def _kill_worker(horovodrun: int, worker: int, host: str) -> list[str]:
             if re.search(rf"(^|\s)HOROVOD_RANK={worker}(\s|$)", command) and re.search(
                 rf"(^|\s)HOROVOD_HOSTNAME={re.escape(host)}(\s|$)", command
             ):
-                for doomed in subtree(pid):
+                for doomed in [pid, *_descendants(pid, children)]:
                     killed.add(doomed)
                     with contextlib.suppress(OSError):
                         os.kill(doomed, signal.SIGKILL)
                 hosts.append(host)
     return hosts
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from /proc (Linux only; elsewhere none)."""
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc: not Linux
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/stat") as file:
+                stat = file.read()
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # the field after the state, after the name
+            children.setdefault(parent, []).append(int(pid))
+    return children
+
+
+def _descendants(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """The processes below `pid`, parents before their children."""
+    children = _children() if children is None else children
+    return [below for child in children.get(pid, []) for below in [child, *_descendants(child, children)]]
 
 
 def _elastic_failure(launcher_lines: list[str], worker_errors: dict[int, str], code: int) -> str:

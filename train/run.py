@@ -133,6 +133,7 @@ def _train(run: Path, config: dict, start: Position) -> Path:
                 position = {"epoch": epoch + 1, "batches": batches, "images": images, "workers": workers}
                 sums, moving = zip(*states)
                 _write_inside_epoch(run, checkpoint, position | {"metric_sums": list(sums)}, list(moving))
+            distributed.barrier()  # no worker exits while rank 0 writes: srun and horovodrun would kill it
 
         agreement = Agreement(run, config, Position(start.epoch, start.batches), first_images, save_inside_epoch)
         # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch writes
@@ -174,6 +175,7 @@ def _train(run: Path, config: dict, start: Position) -> Path:
                     **fit,
                 )
         if agreement.stopped:
+            distributed.barrier()  # rank 0 wrote the epoch's checkpoint before it came here
             raise agreement.stop_error()
     seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
     seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
