@@ -1,7 +1,9 @@
-"""The Slurm test cluster itself (tests/slurm.py): what srun and sbatch give each process, and the fake GPUs."""
+"""The Slurm test cluster itself (tests/slurm.py) and the sbatch examples (examples/slurm/) on it: what srun and
+sbatch give each process, the fake GPUs, and the examples' requeue on exit code 75."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +13,13 @@ import pytest
 from tests.slurm import SlurmCluster, two_node_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "slurm"
 STEP_VARIABLES = ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
+# The examples' shapes (4 GPUs per node, 8 CPUs per task) made to fit the test nodes (2 fake GPUs, 2 CPUs each).
+TEST_SIZES = {
+    "one_node.sbatch": ["--ntasks=2", "--cpus-per-task=1"],
+    "multi_node.sbatch": ["--ntasks-per-node=2", "--gres=gpu:2", "--cpus-per-task=1"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +95,48 @@ def test_requeued_job_runs_again_within_seconds(cluster, tmp_path):
     assert cluster.output(job_id).splitlines()[:1] == ["run 0"] and "run 1" in cluster.output(job_id)
     cluster.run("scancel", str(job_id))
     cluster.wait_for_state(job_id, {"CANCELLED"})
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_example_scripts_parse_and_sbatch_accepts_them(cluster, name):
+    script = EXAMPLES / name
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = cluster.run("sbatch", "--test-only", *TEST_SIZES[name], str(script))
+    # --test-only answers on stderr: "sbatch: Job 3 to start at ... using 2 processors on nodes n1 in partition main"
+    assert re.search(r"Job \d+ to start at", result.stderr), result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_example_requeues_itself_on_exit_code_75(cluster, tmp_path, name):
+    """A stand-in `pipeline` first on PATH exits 75 (stopped, checkpoint written) on the job's first run and 0 on
+    its second: the script requeues the job, which runs again and completes, appending to the same output."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "pipeline").write_text(
+        "#!/bin/bash\n"
+        'echo "pipeline $* task=$SLURM_PROCID run=${SLURM_RESTART_COUNT:-0} cpus=${SLURM_CPUS_PER_TASK:-unset}"\n'
+        'if [ -z "$SLURM_RESTART_COUNT" ]; then exit 75; fi\n'
+    )
+    (fake_bin / "pipeline").chmod(0o755)
+    path = f"{fake_bin}:{cluster.env()['PATH']}"
+    job_id = cluster.sbatch(
+        EXAMPLES / name,
+        *TEST_SIZES[name],
+        "--job-name=requeue_test",
+        f"--export=ALL,PATH={path},CONFIG=small",
+        f"--output={tmp_path / '%x-%j.out'}",
+        script_args=["--epochs", "2"],
+        cwd=tmp_path,
+    )
+    assert cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=90) == "COMPLETED"
+    assert cluster.restart_count(job_id) == 1
+    output = cluster.output(job_id)
+    assert Path(cluster.job(job_id)["StdOut"]) == tmp_path / f"requeue_test-{job_id}.out"
+    lines = [line for line in output.splitlines() if line.startswith("pipeline ")]
+    tasks = 2 if name == "one_node.sbatch" else 4
+    assert len(lines) == 2 * tasks, output
+    assert set(lines) >= {
+        f"pipeline train --config small --name requeue_test --resume --epochs 2 task=0 run={run} cpus=1"
+        for run in (0, 1)
+    }, output
