@@ -28,13 +28,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # does not import yet.
 # Gloo always; MPI too where Debian's openmpi is installed (libopenmpi-dev). Needs cmake < 4 and a C++ compiler.
 # Without build isolation the venv's own setuptools builds this project too: >= 77 reads its SPDX licence string.
+# NCCL for the GPU collectives only where `nvidia-smi -L` lists a GPU: nvcc alone (CUDA without a GPU) builds the
+# CPU/Gloo Horovod.
 $(HOROVOD): $(STAMP)
 	@if ! $(BIN)/python -c "import horovod.tensorflow" 2>/dev/null; then \
 	  command -v cmake >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake g++; }; \
 	  MPI=$$(command -v mpicxx >/dev/null && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1); \
+	  GPU=$$(nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo HOROVOD_GPU_OPERATIONS=NCCL); \
 	  $(BIN)/pip install -q 'setuptools>=77' || exit 1; \
 	  env MAKEFLAGS=-j$$(nproc) HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
-	    HOROVOD_WITH_GLOO=1 $$MPI $(BIN)/pip install --no-build-isolation --no-cache-dir -e '.[distributed]' \
+	    HOROVOD_WITH_GLOO=1 $$MPI $$GPU $(BIN)/pip install --no-build-isolation --no-cache-dir -e '.[distributed]' \
 	    --config-settings editable_mode=compat || exit 1; \
 	fi
 	$(BIN)/horovodrun --check-build
@@ -106,6 +109,7 @@ bench: setup
 	$(BIN)/pipeline pretrained efficientnet-lite0
 	$(BIN)/python benchmarks/pretrained_bench.py --plain-int8
 	$(BIN)/python benchmarks/int8_io_bench.py
+	$(BIN)/python benchmarks/preemption_bench.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
