@@ -16,8 +16,6 @@ import pytest
 from tests.conftest import ROOT, run_pipeline
 from tests.slurm import two_node_cluster
 
-pytestmark = pytest.mark.slow
-
 # 3,600 training images: 57 steps of 2 x 32 per epoch, ~4 s an epoch here.
 SETTINGS = ["--set", "max_images_per_class=400", "--epochs", "3", "--batch-size", "32"]
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -77,6 +75,7 @@ def submit(cluster, tmp_path: Path, name: str, *extra: str) -> tuple[int, Path]:
     return job, out
 
 
+@pytest.mark.slow
 def test_srun_makes_every_task_a_worker_and_equals_workers_2(cluster, tmp_path, two_workers):
     train = ["pipeline", "train", "--name", "srun", "--set", f"runs_dir={tmp_path}", *SETTINGS]
     result = cluster.srun("-N2", "-n2", *train)
@@ -95,6 +94,7 @@ def test_srun_makes_every_task_a_worker_and_equals_workers_2(cluster, tmp_path, 
     assert f"Error: {folder}: 2 training images for 4 workers, who need one each at least" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_rendezvous_that_never_completes_names_the_ranks_missing(cluster, tmp_path):
     train = f"pipeline train --name lonely --set runs_dir={tmp_path} --worker-timeout 5"
     # Task 1 never joins: rank 0 gives up after the timeout and says which ranks did not come.
@@ -104,6 +104,7 @@ def test_a_rendezvous_that_never_completes_names_the_ranks_missing(cluster, tmp_
     assert "incomplete after the timeout: 1 of 2 ranks never came (ranks 1)" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_requeued_job_resumes_inside_its_epoch_and_ends_as_an_uninterrupted_run(cluster, tmp_path, two_workers):
     job, out = submit(cluster, tmp_path, "requeued")
     run = tmp_path / "requeued"
@@ -125,6 +126,7 @@ def test_a_requeued_job_resumes_inside_its_epoch_and_ends_as_an_uninterrupted_ru
     assert_same_run(run, two_workers)
 
 
+@pytest.mark.slow
 def test_a_killed_task_is_named_and_the_requeued_job_resumes_from_the_periodic_checkpoint(
     cluster, tmp_path, two_workers
 ):
@@ -162,3 +164,8 @@ def task_pid(rank: int, marker: str, timeout: float = 60) -> int:
                 return int(pid)
         time.sleep(0.1)
     raise AssertionError(f"no task of rank {rank} running {marker}")
+
+
+def test_the_readme_shows_the_multi_node_script_as_it_is():
+    readme = (ROOT / "README.md").read_text()
+    assert f"```bash\n{EXAMPLE.read_text()}```" in readme
