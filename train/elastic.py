@@ -149,15 +149,3 @@ def note_membership(state: TrainingState, run: Path) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     writer.writerows([stamp, event, host, epoch, batch, workers] for event, host in changes)
     write_atomic(path, before + text.getvalue())
-
-
-class EpochProgress(keras.callbacks.ProgbarLogger):
-    """Keras' progress lines, saying "Epoch 3/15" although each fit call of the elastic loop runs one epoch."""
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__(count_mode="steps")
-        self.total_epochs = epochs
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.epochs = self.total_epochs

@@ -156,14 +156,20 @@ def _train(run: Path, config: dict, start: Position) -> Path:
                     for variable, value in zip(_moving_stats(model), inside["moving_stats"][distributed.rank()]):
                         variable.assign(value)
                 first_step = start.batches if same_workers else 0
+                rest = (count - first_images) // workers * workers
+                if writer:  # its images/s: of the part trained now
+                    writer.images_per_epoch = rest
+                progress = [EpochProgress(config["epochs"])] if chief else []  # "Epoch 2/3", not 2/2
                 model.fit(
                     epoch_batches(data, config, epoch, first_images, first_step),
                     initial_epoch=epoch,
                     epochs=epoch + 1,
-                    steps_per_epoch=math.ceil((count - first_images) // workers / batch_size),
-                    callbacks=[AddMetricSums(sums), *callbacks],
+                    steps_per_epoch=math.ceil(rest // workers / batch_size),
+                    callbacks=[AddMetricSums(sums), *callbacks, *progress],
                     **fit,
                 )
+                if writer:
+                    writer.images_per_epoch = _shard_size(count) * workers
                 epoch += 1
             if epoch < config["epochs"] and not agreement.stopped:
                 model.fit(
@@ -174,9 +180,9 @@ def _train(run: Path, config: dict, start: Position) -> Path:
                     callbacks=callbacks,
                     **fit,
                 )
-        if agreement.stopped:
-            distributed.barrier()  # rank 0 wrote the epoch's checkpoint before it came here
-            raise agreement.stop_error()
+            if agreement.stopped:  # at an epoch's end
+                distributed.barrier()  # rank 0 wrote the epoch's checkpoint before it came here
+                raise agreement.stop_error()
     seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
     seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
     seconds["bookkeeping"] = writer.bookkeeping_seconds if writer else 0.0
@@ -238,7 +244,7 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
                     RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes)
                 )
                 callbacks += [
-                    elastic.EpochProgress(config["epochs"]),
+                    EpochProgress(config["epochs"]),
                     writers[-1],
                     EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
                 ]
@@ -580,7 +586,9 @@ class StopSignals:
             self._before = {number: signal.signal(number, self._note) for number in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and issubclass(kind, Stopped):
+            return  # still noted, not obeyed, until the process exits 75: srun sends the others SIGTERM once one ends
         for number, handler in self._before.items():
             signal.signal(number, handler)
 
@@ -729,6 +737,19 @@ def _write_inside_epoch(run: Path, checkpoint: tf.train.Checkpoint, position: di
     for _, _, old in inside_epoch_checkpoints(run):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress lines, saying "Epoch 3/15" in a fit call that runs one epoch (a resumed epoch's rest, each
+    epoch of the elastic loop)."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__(count_mode="steps")
+        self.total_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):
