@@ -243,7 +243,8 @@ def train(
             run_workers(workers, hosts, args, worker_timeout, ssh_port, ssh_identity_file, network_interface)
         return
 
-    if in_slurm_step():  # one task of `srun pipeline train`: a worker of the step's Horovod job
+    slurm_task = in_slurm_step()  # asked once: joining sets HOROVOD_RANK, after which it is a Horovod worker's
+    if slurm_task:  # one task of `srun pipeline train`: a worker of the step's Horovod job
         from train.slurm import join_slurm_step
 
         join_slurm_step(worker_timeout)
@@ -260,7 +261,13 @@ def train(
         from train.data import verify_data as verify
 
         verify(config)
-    run_training(config, resume=resume, exist_ok=exist_ok)
+    if slurm_task:
+        from train.slurm import lost_workers_named
+
+        with lost_workers_named():
+            run_training(config, resume=resume, exist_ok=exist_ok)
+    else:
+        run_training(config, resume=resume, exist_ok=exist_ok)
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -169,3 +170,16 @@ def task_pid(rank: int, marker: str, timeout: float = 60) -> int:
 def test_the_readme_shows_the_multi_node_script_as_it_is():
     readme = (ROOT / "README.md").read_text()
     assert f"```bash\n{EXAMPLE.read_text()}```" in readme
+
+
+@pytest.mark.slow
+def test_without_kill_on_bad_exit_the_survivor_says_it_lost_a_task(cluster, tmp_path):
+    train = ["pipeline", "train", "--name", "orphan", "--set", f"runs_dir={tmp_path}", *SETTINGS]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    srun = subprocess.Popen(["srun", "-N2", "-n2", *train], env=cluster.env(), **pipes)
+    wait_for(lambda: (tmp_path / "orphan" / "checkpoints" / "epoch_001").is_dir(), "epoch 1's checkpoint")
+    os.kill(task_pid(rank=1, marker="orphan"), signal.SIGKILL)
+    _, stderr = srun.communicate(timeout=300)
+    assert "srun: error: n2: task 1: Killed" in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 0 on n1: lost touch with another task of the job")

@@ -16,8 +16,10 @@ a minute late), and a file left by an earlier (requeued) step would have to be t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +75,28 @@ def join_slurm_step(timeout: int) -> None:
     else:
         slot = json.loads(_get_plan(address, port, deadline, rank))[rank]
     os.environ.update(_worker_env(slot, address, port, timeout))
+
+
+@contextlib.contextmanager
+def lost_workers_named():
+    """Training in a step's task: an error of Horovod's collectives -- another task died, its node was lost -- becomes
+    one line naming this rank and node and what Gloo saw, instead of TensorFlow's "Graph execution error". (srun's own
+    line names the task that ended: "srun: error: n2: task 1: Killed".)"""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        text = str(err)
+        if "Horovod" not in text:
+            raise
+        gloo = re.search(r"gloo/\S+\] ([^\n]+)", text)
+        seen = f" (Gloo: {gloo[1].strip()})" if gloo else ""
+        rank, node = os.environ.get("HOROVOD_RANK", "?"), os.environ.get("HOROVOD_HOSTNAME", "?")
+        raise SlurmError(
+            f"rank {rank} on {node}: lost touch with another task of the job{seen}; srun's lines name the task "
+            "that ended, and --resume continues from the last checkpoint"
+        ) from None
 
 
 def rendezvous_port() -> int:
