@@ -53,11 +53,10 @@ def assert_same_metrics(resumed: list[dict], straight: list[dict]) -> None:
             assert a[key] == b[key], (a["epoch"], key, a[key], b[key])  # exact: the same batches, in the same order
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_inside_an_epoch_saves_it_there_and_resume_continues_exactly(tmp_path, uninterrupted, stop_signal):
-    run = tmp_path / "cut"
-    first = start(tmp_path, "cut")
+def stop_inside_epoch_2(runs: Path, name: str, stop_signal: signal.Signals) -> int:
+    """Start a run, send `stop_signal` in its epoch 2, check how it stopped; the batch it stopped after."""
+    run = runs / name
+    first = start(runs, name)
     wait_for(lambda: (run / "checkpoints" / "epoch_001").is_dir(), first)
     time.sleep(0.5)  # into epoch 2
     first.send_signal(stop_signal)
@@ -74,6 +73,19 @@ def test_a_signal_inside_an_epoch_saves_it_there_and_resume_continues_exactly(tm
     # The signal's batch or the next: one process alone agrees at every batch.
     said = int(lines[0].split(" after batch ")[1].split(":")[0])
     assert batch - said <= 1, lines[0]
+    return batch
+
+
+@pytest.mark.slow
+def test_sigusr1_stops_as_sigterm_does(tmp_path):
+    stop_inside_epoch_2(tmp_path, "usr1", signal.SIGUSR1)  # Slurm's --signal=USR1@120, before a time limit
+
+
+@pytest.mark.slow
+def test_a_signal_inside_an_epoch_saves_it_there_and_resume_continues_exactly(tmp_path, uninterrupted):
+    run = tmp_path / "cut"
+    batch = stop_inside_epoch_2(tmp_path, "cut", signal.SIGTERM)
+    saved = inside_epoch(run)[0]
 
     # A damaged position.json is one line, and changes nothing.
     broken = tmp_path / "broken"
