@@ -124,11 +124,13 @@ def run_workers(
         else:
             print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
 
-    forwarded = _forward_stop_signals(process)
+    _forward_stop_signals(process)
     launcher_lines, worker_errors = _relay(process, show, heard)
     worker_errors = {**ssh_errors, **worker_errors}
     code = process.wait()
-    if forwarded and re.search(rf"^Exit code: {STOPPED_EXIT_CODE}\s*$", "\n".join(launcher_lines), re.M):
+    # The first worker to end stopped on a signal (this launcher's, passed on, or one sent to the workers themselves):
+    # they all did, with the checkpoint written.
+    if re.search(rf"^Exit code: {STOPPED_EXIT_CODE}\s*$", "\n".join(launcher_lines), re.M):
         raise JobStopped("")  # rank 0's line says where, relayed above
     if stalled:
         rank, seconds = next(iter(stalled.items()))
@@ -137,15 +139,13 @@ def run_workers(
         raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
 
 
-def _forward_stop_signals(process: subprocess.Popen) -> list[str]:
+def _forward_stop_signals(process: subprocess.Popen) -> None:
     """From now on, SIGTERM and SIGUSR1 to this launcher go to the workers on this machine (horovodrun would give
     them 5 s, then SIGKILL): any worker's signal stops every worker at one batch with a checkpoint (train/run.py
     Agreement), then each exits with code 75. With no worker here (all on other hosts) the job is stopped as a
-    whole. Returns the list the names of the signals passed on are appended to."""
-    forwarded: list[str] = []
+    whole."""
 
     def forward(number: int, frame) -> None:
-        forwarded.append(signal.Signals(number).name)
         workers = [pid for pid in _descendants(process.pid) if _is_worker(pid)]
         for pid in workers:
             with contextlib.suppress(OSError):
@@ -155,7 +155,6 @@ def _forward_stop_signals(process: subprocess.Popen) -> list[str]:
 
     for number in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(number, forward)
-    return forwarded
 
 
 def _is_worker(pid: int) -> bool:
