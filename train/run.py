@@ -1,4 +1,5 @@
-"""The training loop: one run directory (train/rundir.py), `model.fit`, atomic per-epoch checkpoints, exact resume."""
+"""The training loop: one run directory (train/rundir.py), `model.fit`, atomic checkpoints at each epoch's end and
+inside epochs (on SIGTERM/SIGUSR1, and every checkpoint_minutes), exact resume from either."""
 
 from __future__ import annotations
 
@@ -401,7 +402,7 @@ def _start_position(run: Path, config: dict, resume: bool, exist_ok: bool) -> Po
         if not found and not inside:
             raise RunError(f"{run}: no complete checkpoint to resume from; start it over with --exist-ok")
         check_resume(run, read_config(run), config)
-        if inside:
+        if inside and inside[0] <= config["epochs"]:  # (fewer epochs now: that epoch's end is not wanted)
             epoch, batches, folder = inside
             return Position(epoch - 1, batches, folder)
         return Position(found[-1][0], 0, found[-1][1])
