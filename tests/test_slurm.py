@@ -17,8 +17,9 @@ import pytest
 from tests.conftest import ROOT, run_pipeline
 from tests.slurm import two_node_cluster
 
-# 3,600 training images: 57 steps of 2 x 32 per epoch, ~4 s an epoch here.
-SETTINGS = ["--set", "max_images_per_class=400", "--epochs", "3", "--batch-size", "32"]
+# 3,600 training images: 57 steps of 2 x 32 per epoch, ~4 s an epoch here. Interrupted in epoch 2, the last:
+# test_preemption.py checks the epochs after a resumed one.
+SETTINGS = ["--set", "max_images_per_class=400", "--epochs", "2", "--batch-size", "32"]
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 EXAMPLE = ROOT / "examples" / "slurm" / "multi_node.sbatch"
 # The example asks for 2 nodes of 4 tasks and 4 GPUs; this cluster has 2 CPUs and 2 fake GPUs a node.
@@ -42,7 +43,7 @@ def two_workers(tmp_path_factory) -> Path:
 def assert_same_run(run: Path, reference: Path) -> None:
     history = json.loads((run / "metrics.json").read_text())
     expected = json.loads((reference / "metrics.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["epoch"] for row in history] == [1, 2]
     for a, b in zip(expected, history):
         for key in METRICS:
             assert a[key] == b[key], (a["epoch"], key, a[key], b[key])
