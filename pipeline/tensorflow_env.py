@@ -31,5 +31,14 @@ def prepare() -> None:
             f"TF_USE_LEGACY_KERAS={os.environ['TF_USE_LEGACY_KERAS']}: this pipeline needs Keras 2 (tf_keras); "
             "unset it or set it to 1"
         )
-    with stderr_without(IMPORT_NOISE.fullmatch):
-        import tensorflow  # noqa: F401
+    try:
+        with stderr_without(IMPORT_NOISE.fullmatch):
+            import tensorflow  # noqa: F401
+            import tf_keras  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name not in ("tensorflow", "tf_keras"):
+            raise
+        raise PipelineError(
+            f"{err.name} is not installed: training and quantising need the train extra "
+            "(pip install 'edge-pipeline[train]', or `make setup` in the repository); labelling and serving do not"
+        ) from None

@@ -351,3 +351,19 @@ def test_interrupted_run_still_draws_its_curves(tmp_path):
     run = tmp_path / "stopped"
     assert not (run / "summary.json").exists()  # stopped in training, not after it
     assert Image.open(run / "curves.png").size[0] > 300
+
+
+def test_training_without_tensorflow_names_the_extra_to_install(tmp_path):
+    # A TensorFlow that cannot be imported, first on the path: as on a machine with the serving install alone.
+    missing = tmp_path / "site" / "tensorflow"
+    missing.mkdir(parents=True)
+    refusal = "raise ModuleNotFoundError(\"No module named 'tensorflow'\", name='tensorflow')\n"
+    (missing / "__init__.py").write_text(refusal)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    command = [*PIPELINE, "train", "--set", f"runs_dir={tmp_path / 'runs'}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: tensorflow is not installed: training and quantising need the train extra (pip install "
+        "'edge-pipeline[train]', or `make setup` in the repository); labelling and serving do not\n"
+    )
