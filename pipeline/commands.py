@@ -508,7 +508,8 @@ def serve_web(model_file, port, host, selftest_images) -> None:
     """Serve the phone-browser demo: a page that runs the bundle with LiteRT.js, in the browser.
 
     \b
-    Needs LiteRT.js from npm once: npm install --prefix serve/web
+    Needs LiteRT.js from npm once, in the installed serve/web folder: `make setup`
+    does it; otherwise the error line names the npm command and the folder.
     Browsers allow the camera only over https or on localhost: from a phone over
     plain http (--host 0.0.0.0), use "Choose a photo" instead of "Take a photo".
     """

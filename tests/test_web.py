@@ -283,3 +283,14 @@ def test_bad_bytes_in_a_path_are_a_400_and_the_server_keeps_serving(bundles, lit
         escaped = urllib.request.urlopen(url + "node_modules/@litertjs/core/dist/index%2Ejs", timeout=5).read()
     assert escaped == (WEB_DIR / "node_modules" / "@litertjs" / "core" / "dist" / "index.js").read_bytes()
     assert "Traceback" not in log_path.read_text() and "serve-web:" not in log_path.read_text()
+
+
+def test_missing_litert_js_names_the_folder_the_server_reads(monkeypatch, tmp_path):
+    from serve.errors import PipelineError
+    from serve.web import server
+
+    monkeypatch.setattr(server, "LITERT_DIR", str(tmp_path / "node_modules" / "@litertjs"))  # as before npm ran
+    with pytest.raises(PipelineError) as raised:
+        server.check_litert()
+    # The absolute folder of the installed module (site-packages for a wheel), not serve/web under the current folder.
+    assert str(raised.value) == f"LiteRT.js is not installed; run: npm ci --prefix {Path(server.__file__).parent}"

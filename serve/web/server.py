@@ -13,6 +13,7 @@ import io
 import json
 import os
 import selectors
+import shlex
 import socket
 import struct
 import sys
@@ -40,9 +41,10 @@ SEND_TIMEOUT_SECONDS = 10  # an answer whose client takes nothing for this long 
 
 
 def check_litert() -> None:
-    """LiteRT.js comes from npm into serve/web/node_modules; say how to get it when it is missing."""
+    """LiteRT.js comes from npm into serve/web/node_modules; say how to get it when it is missing, into the folder
+    this server reads (site-packages for a non-editable install, not serve/web under the current folder)."""
     if not os.path.isfile(os.path.join(LITERT_DIR, "core", "dist", "index.js")):
-        raise PipelineError("LiteRT.js is not installed; run: npm install --prefix serve/web")
+        raise PipelineError(f"LiteRT.js is not installed; run: npm ci --prefix {shlex.quote(WEB_DIR)}")
 
 
 def check_fixed_batch(model_path: str, model: bytes) -> None:
