@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from serve.errors import PipelineError
+from serve.errors import PipelineError, StoppedError
 
 WORKER_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 HOST_SLOTS = re.compile(r"^[\w.-]+:[0-9]+$")  # one item of -H, as horovodrun checks it
@@ -30,13 +30,6 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 HEARTBEAT_VARIABLE = "PIPELINE_HEARTBEAT"
 HEARTBEAT = "pipeline: worker alive"
 HEARTBEAT_LINE = re.compile(rf"^{re.escape(HEARTBEAT)} on (\S+)$")
-STOPPED_EXIT_CODE = 75  # train/run.py's Stopped: a worker stopped by a signal, its checkpoint written
-
-
-class JobStopped(PipelineError):
-    """The workers stopped on a signal this launcher passed on, with their checkpoint (rank 0 said so)."""
-
-    exit_code = STOPPED_EXIT_CODE
 
 
 def rank_hosts(hosts: str, workers: int) -> list[str]:
@@ -130,8 +123,8 @@ def run_workers(
     code = process.wait()
     # The first worker to end stopped on a signal (this launcher's, passed on, or one sent to the workers themselves):
     # they all did, with the checkpoint written.
-    if re.search(rf"^Exit code: {STOPPED_EXIT_CODE}\s*$", "\n".join(launcher_lines), re.M):
-        raise JobStopped("")  # rank 0's line says where, relayed above
+    if re.search(rf"^Exit code: {StoppedError.exit_code}\s*$", "\n".join(launcher_lines), re.M):
+        raise StoppedError("")  # rank 0's line says where, relayed above
     if stalled:
         rank, seconds = next(iter(stalled.items()))
         raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 import yaml
 
-from serve.errors import PipelineError
+from serve.errors import PipelineError, StoppedError
 from serve.files import atomic_path, write_atomic
 from train import distributed
 from train.data import Dataset, load_dataset
@@ -51,13 +51,6 @@ class RunError(PipelineError):
 
 class DivergedError(RunError):
     """A run whose loss became nan or inf: it stopped, and nothing of that epoch was saved."""
-
-
-class Stopped(RunError):
-    """A run stopped by SIGTERM or SIGUSR1 with its checkpoint written: `--resume` continues it where it stopped.
-    Exit code 75 (EX_TEMPFAIL of sysexits.h: "try again later"), which a job script can tell from a failure."""
-
-    exit_code = 75
 
 
 # Batches between the workers' agreements (Agreement): a loss gone bad, a stop signal, a checkpoint due.
@@ -588,7 +581,7 @@ class StopSignals:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is not None and issubclass(kind, Stopped):
+        if kind is not None and issubclass(kind, StoppedError):
             return  # still noted, not obeyed, until the process exits 75: srun sends the others SIGTERM once one ends
         for number, handler in self._before.items():
             signal.signal(number, handler)
@@ -606,7 +599,7 @@ class Agreement(keras.callbacks.Callback):
       (DivergedError). Keras reports each worker's own loss (the epoch's running mean: non-finite from the first
       bad batch on); at the epoch's end val_loss is checked too, before RunWriter's checkpoint;
     - whether any worker got SIGTERM or SIGUSR1 (StopSignals): `save_inside_epoch` writes a checkpoint at this
-      batch, and the run stops (Stopped); at the epoch's end it stops after RunWriter's checkpoint;
+      batch, and the run stops (StoppedError); at the epoch's end it stops after RunWriter's checkpoint;
     - whether rank 0's clock says a periodic checkpoint is due (checkpoint_minutes): `save_inside_epoch`, go on.
 
     The allreduce costs 1.4-2.7 ms on 2 CPU workers: every batch it would be ~2% of a small CNN's 72 ms 2-worker
@@ -670,16 +663,16 @@ class Agreement(keras.callbacks.Callback):
             self._diverged(f"loss became {loss} at epoch {self.epoch + 1} batch {int(-first_bad)}")
         return bool(stop and self.save_inside_epoch), bool(due and self.save_inside_epoch)
 
-    def stop_error(self) -> Stopped:
+    def stop_error(self) -> StoppedError:
         """The error every worker ends with once they stopped, their checkpoint written: rank 0's says why and when,
         the others' say nothing (one line for the job)."""
         if not distributed.is_chief():
-            return Stopped("")
+            return StoppedError("")
         name = self.signals.received or "a stop signal"  # another worker's, if not this one's
         after = f" after batch {self.signal_batch}" if self.signal_batch else ""
         when = f" {time.monotonic() - self.signals.at:.1f} s after the signal" if self.signals.received else ""
         who = "every worker stopped" if distributed.size() > 1 else "stopped"
-        return Stopped(
+        return StoppedError(
             f"{self.run}: {name}{after}: {who} {self.stopped}, checkpoint written{when}; "
             "the same command with --resume continues it there"
         )
