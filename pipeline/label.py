@@ -195,7 +195,7 @@ def label_images(
     An image or folder that cannot be used is one `Error:` line on stderr (with --json, a line with an "error")
     and the others are still labelled; returns the exit code: 1 when anything failed, else 0.
     """
-    from pipeline.cli import printable
+    from pipeline.output import printable
     from serve import Classifier
     from serve.files import shown
 

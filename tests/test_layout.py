@@ -1,8 +1,10 @@
-"""The package arrows: pipeline -> train, quantize, serve; train -> serve; quantize -> serve; serve -> none of ours."""
+"""The package arrows: pipeline -> train, quantize, serve; train -> serve; quantize -> serve; serve -> none of ours.
+And no import cycle between modules, even through imports inside functions."""
 
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +45,70 @@ def test_package_imports_point_one_way(package):
 def test_serve_imports_nothing_heavy():
     for path, names in imported_top_levels("serve").items():
         assert not names & HEAVY, f"{path} imports {sorted(names & HEAVY)}"
+
+
+def module_name(path: Path) -> str:
+    """`serve.classifier` for serve/classifier.py, `serve` for serve/__init__.py."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules() -> dict[str, set[str]]:
+    """Each module of ours and the modules of ours it imports, at any depth (imports inside functions too).
+    `from serve import classifier` is the submodule serve.classifier where one exists, else the package serve."""
+    files = {module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
+    files = {name: path for name, path in files.items() if "node_modules" not in path.parts}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(part for part in (base, node.module) if part)
+                submodules = {f"{module}.{alias.name}" for alias in node.names} & files.keys()
+                targets |= submodules or {module}
+        graph[name] = {target for target in targets if target in files and target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None: a depth-first search that meets a module on its own path."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for target in sorted(graph[node]):
+            if cycle := visit(target):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if cycle := visit(node):
+            return cycle
+    return None
+
+
+def test_find_cycle_names_the_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_import_graph_has_the_modules_and_their_arrows():
+    graph = imported_modules()
+    assert "serve.bundle" in graph["pipeline.label"] and "serve.errors" in graph["serve"]
+    assert "pipeline.commands" in graph["pipeline.cli"]  # imported inside main()
+
+
+def test_no_import_cycle_between_modules():
+    cycle = find_cycle(imported_modules())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
