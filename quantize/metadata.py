@@ -14,8 +14,8 @@ import zipfile
 
 import flatbuffers
 
-from quantize import metadata_schema_py_generated as schema
 from quantize.tflite_internals import replace_metadata
+from quantize.vendored import metadata_schema_py_generated as schema
 from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME, CHECKSUM_PLACEHOLDER, bundle_digest
 from serve.tflite_flatbuffer import read_model_metadata
 

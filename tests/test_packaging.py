@@ -32,6 +32,8 @@ def test_wheel_carries_configs_and_spdx_licence(wheel: Path) -> None:
     for config in (ROOT / "configs").glob("*.yaml"):
         assert f"pipeline/configs/{config.name}" in names
     assert "train/imagenet_labels.txt" in names
+    # The vendored schema module that writes the standard metadata, and the page that says where it came from.
+    assert {"quantize/vendored/metadata_schema_py_generated.py", "quantize/vendored/README.md"} <= set(names)
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
 
 

@@ -257,8 +257,8 @@ def test_standard_metadata_reads_back_and_is_signed_last(bundles):
     import io
     import zipfile
 
-    from quantize import metadata_schema_py_generated as schema
     from quantize.metadata import LABELS_FILE, STANDARD_METADATA_NAME, embed_metadata, embed_metadata_bytes
+    from quantize.vendored import metadata_schema_py_generated as schema
     from serve.bundle import BUNDLE_METADATA_NAME
     from serve.errors import BundleError
     from serve.tflite_flatbuffer import read_model_metadata
