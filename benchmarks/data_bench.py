@@ -155,9 +155,9 @@ def speed(folder: Path, rounds: int, steps: int, work: Path) -> dict:
     import tf_keras as keras
 
     from pipeline.config import load_config
+    from train.batches import train_batches
     from train.data import load_dataset
     from train.models import build_model
-    from train.run import train_batches
 
     os.environ["PIPELINE_CACHE"] = str(work / "speed_cache")
     results: dict[str, list[float]] = {

@@ -183,7 +183,8 @@ def overhead_worker(args) -> None:
 
     from pipeline.config import config_file_path, load_config
     from train import distributed
-    from train.run import Agreement, Position, StopSignals, _build, _compile, load_dataset, train_batches
+    from train.batches import train_batches
+    from train.run import Agreement, Position, StopSignals, _build, _compile, load_dataset
 
     distributed.init()
     overrides = {**model_settings(args.model, Path(args.folder or ".")), "runs_dir": args.runs}

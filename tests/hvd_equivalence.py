@@ -27,8 +27,8 @@ def main() -> None:
     import tf_keras as keras
 
     from train import distributed
+    from train.batches import train_batches
     from train.data import Dataset
-    from train.run import train_batches
 
     distributed.init()
     rng = np.random.default_rng(0)

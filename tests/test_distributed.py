@@ -132,7 +132,7 @@ def test_workers_share_each_epoch_without_overlap():
     """Worker r of N takes every N-th image of the one-process order from the r-th: together, the epoch once."""
     import tensorflow as tf
 
-    from train.run import epoch_indices
+    from train.batches import epoch_indices
 
     count, seed = 103, 7
     for epoch in (0, 1):

@@ -21,7 +21,7 @@ import tf_keras as keras
 
 from tests.conftest import PIPELINE, ROOT, run_pipeline, worker_pid
 from tests.sshd import two_hosts
-from train.run import epoch_indices, remaining_indices, resume_point
+from train.batches import epoch_indices, remaining_indices, resume_point
 
 
 def test_an_epoch_resplit_after_a_change_of_size_trains_each_image_once():

@@ -254,8 +254,9 @@ def test_training_and_evaluation_read_a_split_batch_by_batch():
     prepare()
     import tf_keras as keras
 
+    from train.batches import epoch_indices, eval_batches, train_batches
     from train.data import Dataset
-    from train.run import _class_model, _eval_batches, _predicted_classes, epoch_indices, train_batches
+    from train.run import _class_model, _predicted_classes
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 400)
@@ -268,7 +269,7 @@ def test_training_and_evaluation_read_a_split_batch_by_batch():
     assert np.array_equal(np.concatenate([y for _, y in batches]), np.eye(4)[labels[order]])
     assert max(train.reads) == 16 and sum(train.reads) == 200
 
-    batches = list(_eval_batches(val, labels[100:], 4, 32))
+    batches = list(eval_batches(val, labels[100:], 4, 32))
     assert np.array_equal(np.concatenate([x for x, _ in batches]), images[100:])
     assert np.array_equal(np.concatenate([y for _, y in batches]), np.eye(4)[labels[100:]])
     assert max(val.reads) == 32 and sum(val.reads) == 300

@@ -22,6 +22,7 @@ import yaml
 from serve.errors import PipelineError, StoppedError
 from serve.files import atomic_path, write_atomic
 from train import distributed
+from train.batches import epoch_batches, eval_batches, image_batches, resume_point, train_batches
 from train.data import Dataset, load_dataset
 from train.keras_internals import dropout_generators
 from train.models import NORMALIZATION, build_model
@@ -138,7 +139,7 @@ def _train(run: Path, config: dict, start: Position) -> Path:
             allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
             writer = RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes)
             callbacks += [writer, EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)]
-        validation = _eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size)
+        validation = eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size)
         seconds["setup"] = time.perf_counter() - started - seconds["data"]
         fit = dict(validation_data=validation, verbose=(1 if sys.stdout.isatty() else 2) if chief else 0)
         epoch = start.epoch
@@ -253,7 +254,7 @@ def _train_elastic(run: Path, config: dict, claim) -> Path:
                 initial_epoch=epoch,
                 epochs=epoch + 1,
                 steps_per_epoch=steps,
-                validation_data=_eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size),
+                validation_data=eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size),
                 callbacks=callbacks,
                 verbose=(1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0,
             )
@@ -451,106 +452,6 @@ def _compile(model, config: dict, learning_rate, num_classes: int) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
-def epoch_indices(count: int, seed: int, epoch: int | tf.Tensor, rank: int, workers: int) -> tf.Tensor:
-    """The indices of the training images worker `rank` of `workers` takes in `epoch`, in order (eager or traced).
-
-    The epoch's order depends only on (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one
-    would have; worker r of N takes every N-th image of it from the r-th on, so the workers' batches together are
-    the single-process batch. The last count % N images of the order sit the epoch out: all take as many steps.
-    """
-    return remaining_indices(count, seed, epoch, 0, rank, workers)
-
-
-def remaining_indices(
-    count: int, seed: int, epoch: int | tf.Tensor, done: int | tf.Tensor, rank: int, workers: int
-) -> tf.Tensor:
-    """Worker `rank`'s part of what is left of `epoch`'s order once its first `done` images were trained on:
-    after an elastic job changed size mid-epoch, the rest of the same order is split among those training now,
-    so no image of the epoch is seen twice or skipped (but the last (count - done) % workers, as above)."""
-    seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    rest = tf.argsort(tf.random.stateless_uniform([count], seed=seeds))[done:]
-    return rest[: (count - done) // workers * workers][rank::workers]
-
-
-def resume_point(count: int, done: int, workers: int) -> int:
-    """How many images of an elastic epoch's order to count as trained when it goes on after `done`: `done` --
-    unless fewer than `workers` are left (hosts joined at the epoch's very end), then `workers` before the end.
-    Keras cannot fit zero steps, and the epoch still has to end (validation, metrics row, checkpoint): each
-    worker trains one image, a few of them again."""
-    return min(done, count - workers)
-
-
-# tf.data functions traced as written, without autograph: they branch on Python values only, and converting their
-# source costs ~0.3 s of CPU (more on a loaded machine) before the first epoch.
-_as_written = tf.autograph.experimental.do_not_convert
-
-
-def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Dataset:
-    """This worker's batches for epochs start_epoch.. onwards, in the order of `epoch_indices`."""
-    epochs = tf.data.Dataset.range(start_epoch, config["epochs"], output_type=tf.int64)
-    batches = epochs.flat_map(_as_written(lambda epoch: epoch_batches(data, config, epoch)))
-    return batches.prefetch(tf.data.AUTOTUNE)
-
-
-def epoch_batches(
-    data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0, first_step: int = 0
-) -> tf.data.Dataset:
-    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`), the
-    first being the epoch's step `first_step` (which seeds its augmentation). Each batch's images are read from
-    data.train_x when it is due, several in parallel: the split is never held whole."""
-    images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
-    workers, rank = distributed.size(), distributed.rank()
-    shard = remaining_indices(len(data.train_y), config["seed"], epoch, done, rank, workers)
-    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate(first_step)
-
-    @_as_written
-    def load(step, indices):
-        x = _read(images, lambda idx: images[idx], indices)
-        if config["augment"]:
-            x = _augment(x, tf.stack([tf.cast(epoch, tf.int64) * workers + rank, step]))
-        # One-hot per batch, never for the whole set: label smoothing needs the categorical loss.
-        return x, tf.one_hot(tf.gather(labels, indices), num_classes)
-
-    return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def _read(images, read, key: tf.Tensor) -> tf.Tensor:
-    """The float32 batch `read(key)` returns from `images` (uint8, maybe a view of files on disk). Not stateful:
-    the same key reads the same pixels, so tf.data still reads in parallel and prefetches under op determinism."""
-    batch = tf.numpy_function(read, [key], tf.uint8, stateful=False)
-    batch.set_shape((None, *images.shape[1:]))
-    return tf.cast(batch, tf.float32)
-
-
-def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Light, seeded augmentation: mirror each image, shift the batch up to 1/8 of its size, vary brightness."""
-    seed = tf.cast(seed, tf.int64)
-    batch = tf.image.stateless_random_flip_left_right(batch, seed=seed)
-    shape = tf.shape(batch)
-    pad_h, pad_w = shape[1] // 8, shape[2] // 8
-    padded = tf.pad(batch, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
-    batch = tf.image.stateless_random_crop(padded, shape, seed=seed + 1)
-    batch = tf.image.stateless_random_brightness(batch, 0.1 * 255.0, seed=seed + 2)
-    return tf.clip_by_value(batch, 0.0, 255.0)
-
-
-def _image_batches(x: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Consecutive float32 batches of `x`, read in parallel ahead of use."""
-
-    @_as_written
-    def load(start):
-        return _read(x, lambda first: x[first : first + batch_size], start)
-
-    starts = tf.data.Dataset.range(0, len(x), batch_size)
-    return starts.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-
-
-def _eval_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:
-    one_hot = _as_written(lambda batch: tf.one_hot(batch, num_classes))
-    labels = tf.data.Dataset.from_tensor_slices(y).batch(batch_size).map(one_hot)
-    return tf.data.Dataset.zip((_image_batches(x, batch_size), labels))
-
-
 def _class_model(model):
     """`model` ending in the argmax: predicting with it keeps only the class indices, not every class's score."""
     return keras.Model(model.inputs, tf.argmax(model.outputs[0], axis=-1))
@@ -559,7 +460,7 @@ def _class_model(model):
 def _predicted_classes(classes, x: np.ndarray) -> np.ndarray:
     """The top class (`classes` is a `_class_model`) for each image of `x`, batch by batch, in one Keras predict
     loop (a Python loop of predict_on_batch costs ~25% more)."""
-    return classes.predict(_image_batches(x, 256), verbose=0)
+    return classes.predict(image_batches(x, 256), verbose=0)
 
 
 class StopSignals:
