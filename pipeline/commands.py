@@ -7,8 +7,6 @@ them, so `pipeline --help` stays fast.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import click
@@ -16,6 +14,7 @@ import click
 from pipeline.label import newest_bundle
 from quantize import MODES
 from serve.bundle import MAX_NUM_THREADS
+from train.launchers import DEFAULT_WORKER_TIMEOUT
 
 
 def run() -> None:
@@ -119,7 +118,7 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
 @click.option(
     "--worker-timeout",
     type=click.IntRange(1, 86_400),
-    default=120,
+    default=DEFAULT_WORKER_TIMEOUT,
     show_default=True,
     help="Seconds a stalled worker may hold up the others before the job stops (--workers) or goes on without "
     "it (--min-workers); under srun, also the longest wait for every task at the rendezvous.",
@@ -193,81 +192,30 @@ def train(
 
     SIGTERM or SIGUSR1 stops every worker at one batch with a checkpoint: exit code 75, continue with --resume.
     """
-    from pipeline.config import config_file_path, parse_override, train_config
+    from pipeline.config import parse_override
+    from pipeline.jobs import train_run
+    from train.launch import LaunchOptions, LaunchOptionsError
 
-    if hosts and not (workers or min_workers):
-        raise click.UsageError("--hosts needs --workers or --min-workers")
-    ssh_options = {"--ssh-port": ssh_port, "--ssh-identity-file": ssh_identity_file}
-    for option, value in (ssh_options | {"--network-interface": network_interface}).items():
-        if value is not None and not (workers or min_workers):
-            raise click.UsageError(f"{option} needs --workers or --min-workers")
-    if min_workers and workers:
-        raise click.UsageError("--min-workers and --workers exclude each other: elastic or fixed")
-    if (max_workers or host_discovery_script) and not min_workers:
-        raise click.UsageError("--max-workers and --host-discovery-script need --min-workers")
-    if min_workers and not (hosts or host_discovery_script):
-        raise click.UsageError("--min-workers needs --host-discovery-script or --hosts (two hosts or more)")
-    if max_workers and max_workers < min_workers:
-        raise click.UsageError(f"--max-workers {max_workers} is less than --min-workers {min_workers}")
-    values = dict(parse_override(text) for text in overrides)
-    options = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, name=name, compression=compression)
-    values |= {key: value for key, value in (options | {"pretrained": pretrained}).items() if value is not None}
-    config = train_config(config_path, values, resume=resume)  # checked here, before any worker starts
-    from train.slurm import in_slurm_step
-
-    if in_slurm_step() and (workers or min_workers):
-        raise click.UsageError("inside srun every task is a worker already: drop --workers and --min-workers")
-    if workers or min_workers:
-        from train.launch import run_elastic_workers, run_workers
-
-        # Each worker resolves the same config file and overrides, so all train the same thing.
-        args = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
-        args += ["--verify-data"] if verify_data else []
-        if not resume or config_path is not None:
-            args += ["--config", config_file_path(config_path)]
-        for key, value in values.items():
-            args += ["--set", f"{key}={json.dumps(value)}"]
-        if min_workers:
-            run_elastic_workers(
-                min_workers,
-                max_workers,
-                host_discovery_script,
-                hosts,
-                args,
-                worker_timeout,
-                ssh_port,
-                ssh_identity_file,
-                network_interface,
-            )
-        else:
-            run_workers(workers, hosts, args, worker_timeout, ssh_port, ssh_identity_file, network_interface)
-        return
-
-    slurm_task = in_slurm_step()  # asked once: joining sets HOROVOD_RANK, after which it is a Horovod worker's
-    if slurm_task:  # one task of `srun pipeline train`: a worker of the step's Horovod job
-        from train.slurm import join_slurm_step
-
-        join_slurm_step(worker_timeout)
-    elif "HOROVOD_RANK" in os.environ:  # one of horovodrun's workers: it must not outlive its launcher
-        from train.launch import watch_over_worker
-
-        watch_over_worker()
-    from pipeline.tensorflow_env import prepare
-
-    prepare()
-    from train.run import train as run_training
-
-    if verify_data:
-        from train.data import verify_data as verify
-
-        verify(config)
-    if slurm_task:
-        from train.slurm import lost_workers_named
-
-        with lost_workers_named():
-            run_training(config, resume=resume, exist_ok=exist_ok)
-    else:
-        run_training(config, resume=resume, exist_ok=exist_ok)
+    try:
+        launch = LaunchOptions(
+            workers=workers,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            hosts=hosts,
+            host_discovery_script=host_discovery_script,
+            worker_timeout=worker_timeout,
+            ssh_port=ssh_port,
+            ssh_identity_file=ssh_identity_file,
+            network_interface=network_interface,
+        )
+        settings = dict(parse_override(text) for text in overrides)
+        named = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, name=name, compression=compression)
+        settings |= {key: value for key, value in (named | {"pretrained": pretrained}).items() if value is not None}
+        train_run(
+            config_path, settings=settings, resume=resume, exist_ok=exist_ok, verify_data=verify_data, launch=launch
+        )
+    except LaunchOptionsError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:

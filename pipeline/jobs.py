@@ -1,4 +1,4 @@
-"""The jobs that join the stages: quantise a trained run, export the pretrained ImageNet model, write samples,
+"""The jobs that join the stages: train a run, quantise it, export the pretrained ImageNet model, write samples,
 list and remove data caches.
 
 Plain functions with keyword arguments, so that scripts and notebooks can call what the CLI calls. Each loads
@@ -10,10 +10,62 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import ConfigError, inside_runs_dir, load_config
+from pipeline.config import ConfigError, config_file_path, inside_runs_dir, load_config, train_config
 from pipeline.tensorflow_env import prepare
 from serve.errors import PipelineError
+
+if TYPE_CHECKING:  # annotations only, imported where used: importing this module stays cheap
+    from train.launch import LaunchOptions
+
+
+def train_run(
+    config_path: str | None = None,
+    *,
+    settings: dict | None = None,
+    resume: bool = False,
+    exist_ok: bool = False,
+    verify_data: bool = False,
+    launch: LaunchOptions | None = None,
+) -> None:
+    """Train the config file at `config_path` (a path, or a name in configs/; default fashion_mnist) with `settings`
+    over it, into runs_dir/name/; `resume` continues that run (pipeline.config.train_config), `exist_ok` starts it
+    over, `verify_data` first checks the data cache against every source file.
+
+    `launch` (train.launch.LaunchOptions) says how: by default alone, or as whichever launcher (horovodrun, mpirun,
+    srun) started this process wants; or as the launcher and supervisor of its own workers, each running this same
+    training as `python -m pipeline train`. The config is checked here, before any worker starts. Raises
+    train.launch.LaunchOptionsError for a Slurm task asked to start workers; StoppedError when a signal stopped the
+    training with its checkpoint (continue with resume=True)."""
+    import dataclasses
+    import json
+
+    from train.launch import LaunchOptions, run_job
+
+    settings = settings or {}
+    config = train_config(config_path, settings, resume=resume)
+    # What each worker runs, when this process starts workers: the same config file and settings, so all train the
+    # same thing.
+    arguments = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
+    arguments += ["--verify-data"] if verify_data else []
+    if not resume or config_path is not None:
+        arguments += ["--config", config_file_path(config_path)]
+    for key, value in settings.items():
+        arguments += ["--set", f"{key}={json.dumps(value)}"]
+    worker_command = (sys.executable, "-m", "pipeline", *arguments)
+    launch = dataclasses.replace(launch or LaunchOptions(), worker_command=worker_command)
+
+    def train_here() -> None:
+        prepare()
+        from train.data import verify_data as verify
+        from train.run import train
+
+        if verify_data:
+            verify(config)
+        train(config, resume=resume, exist_ok=exist_ok)
+
+    run_job(launch, train_here)
 
 
 class GateRefused(PipelineError):

@@ -19,21 +19,14 @@ import tensorflow as tf
 import tf_keras as keras
 
 from serve.errors import PipelineError
+from train.launchers import launcher_variable
 
-# What each launcher puts in its workers' environment: horovodrun --gloo, then mpirun (Open MPI, MPICH, PMIx).
-LAUNCHER_VARIABLES = ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 BYTES_PER_VALUE = {"fp16": 2, "none": 4}
 
 # In a distributed job: horovod.tensorflow (collectives) and horovod.tensorflow.keras (the optimizer).
 # In a process alone: None, and Horovod is never imported.
 hvd = None
 hvd_keras = None
-
-
-def launcher_variable() -> str | None:
-    """The variable by which a launcher (horovodrun or mpirun) marked this process as one worker of a job;
-    None for a process alone."""
-    return next((name for name in LAUNCHER_VARIABLES if name in os.environ), None)
 
 
 def init(mixed_precision: bool = False) -> None:

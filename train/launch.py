@@ -1,5 +1,10 @@
-"""`pipeline train --workers N [--hosts ...]`: start the same command as N Horovod workers through
-horovodrun (Gloo), and turn a failed job into one clear line naming the rank and its host. Imports no TensorFlow."""
+"""How this process takes part in a training job, decided in one place (run_job), and the supervisor of the worker
+processes that `pipeline train --workers N [--hosts ...]` and `--min-workers` (elastic) start through horovodrun
+(Gloo): it relays their lines, watches their heartbeats, passes stop signals on, and turns a failed job into one
+line naming the worker. Imports no TensorFlow.
+
+What a worker runs is the caller's (LaunchOptions.worker_command): nothing here knows the command line above it.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from serve.errors import PipelineError, StoppedError
+from train.launchers import DEFAULT_WORKER_TIMEOUT, horovod_timeouts, in_slurm_step
 
 WORKER_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 HOST_SLOTS = re.compile(r"^[\w.-]+:[0-9]+$")  # one item of -H, as horovodrun checks it
@@ -24,12 +31,177 @@ SSH_MESSAGE = re.compile(
     r"^(ssh: |Permission denied|Host key verification failed|kex_exchange_identification|Connection (closed|reset))"
 )
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Under the launchers each worker prints "<HEARTBEAT> on <its host>" to stderr every second; the launcher keeps it to
-# itself. With the number horovodrun puts in front of the line (the worker's rank when it started) it names the worker:
-# in an elastic job two live workers can have started with the same rank, on different hosts.
+# Under the supervisor each worker prints "<HEARTBEAT> on <its host>" to stderr every second; the supervisor keeps it
+# to itself. With the number horovodrun puts in front of the line (the worker's rank when it started) it names the
+# worker: in an elastic job two live workers can have started with the same rank, on different hosts.
 HEARTBEAT_VARIABLE = "PIPELINE_HEARTBEAT"
 HEARTBEAT = "pipeline: worker alive"
 HEARTBEAT_LINE = re.compile(rf"^{re.escape(HEARTBEAT)} on (\S+)$")
+# Seconds a host whose worker failed stays out of an elastic job before the discovery script may return it
+# (without a range, Horovod keeps it out for good).
+BLACKLIST_COOLDOWN = (2, 300)
+
+
+class LaunchOptionsError(PipelineError):
+    """Launch options that contradict each other: a usage error (exit code 2), as the command line's own."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """How a training job runs, as `pipeline train`'s options say: alone, or however a launcher started this process
+    (neither `workers` nor `min_workers`); `workers` processes (fixed size); or `min_workers` to `max_workers`
+    (Horovod Elastic). LaunchOptionsError, naming the options, for a combination that makes no sense."""
+
+    workers: int | None = None
+    min_workers: int | None = None
+    max_workers: int | None = None
+    hosts: str | None = None  # horovodrun's -H: host1:4,host2:4 (default localhost:workers)
+    host_discovery_script: str | None = None  # elastic: prints the available hosts, one host:slots a line
+    # Seconds a stalled worker may hold up the others; a Slurm task's longest wait at the rendezvous.
+    worker_timeout: int = DEFAULT_WORKER_TIMEOUT
+    ssh_port: int | None = None
+    ssh_identity_file: str | None = None
+    network_interface: str | None = None
+    worker_command: tuple[str, ...] = ()  # what each worker runs: the caller's, needed to start workers
+
+    def __post_init__(self) -> None:
+        if self.hosts and not self.starts_workers:
+            raise LaunchOptionsError("--hosts needs --workers or --min-workers")
+        ssh_and_network = {
+            "--ssh-port": self.ssh_port,
+            "--ssh-identity-file": self.ssh_identity_file,
+            "--network-interface": self.network_interface,
+        }
+        for option, value in ssh_and_network.items():
+            if value is not None and not self.starts_workers:
+                raise LaunchOptionsError(f"{option} needs --workers or --min-workers")
+        if self.min_workers and self.workers:
+            raise LaunchOptionsError("--min-workers and --workers exclude each other: elastic or fixed")
+        if (self.max_workers or self.host_discovery_script) and not self.min_workers:
+            raise LaunchOptionsError("--max-workers and --host-discovery-script need --min-workers")
+        if self.min_workers and not (self.hosts or self.host_discovery_script):
+            raise LaunchOptionsError("--min-workers needs --host-discovery-script or --hosts (two hosts or more)")
+        if self.max_workers and self.max_workers < self.min_workers:
+            raise LaunchOptionsError(f"--max-workers {self.max_workers} is less than --min-workers {self.min_workers}")
+
+    @property
+    def starts_workers(self) -> bool:
+        """Whether this process launches the job's workers (and supervises them) rather than being one."""
+        return bool(self.workers or self.min_workers)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether workers may come and go (Horovod Elastic)."""
+        return bool(self.min_workers)
+
+
+def run_job(options: LaunchOptions, train: Callable[[], None]) -> None:
+    """This process's part in the job, by who started it:
+
+    - asked to start workers (`options.workers` or `min_workers`): their launcher, which runs no training itself;
+      the workers, started by horovodrun, run `options.worker_command`, and `supervise` watches them;
+    - one task of a Slurm job step: srun is the launcher and Slurm watches the tasks (srun ends the step when one
+      fails, and names it), so there is nothing to supervise: it joins the step's Horovod job through the
+      rendezvous (train/slurm.py), then `train()`, a task lost meanwhile named in one line;
+    - one of horovodrun's workers: watched so that it ends with its launcher, then `train()`;
+    - otherwise (alone, or one of mpirun's workers): `train()`."""
+    slurm_task = in_slurm_step()
+    if options.starts_workers:
+        if slurm_task:
+            raise LaunchOptionsError("inside srun every task is a worker already: drop --workers and --min-workers")
+        supervise(options)
+    elif slurm_task:
+        from train.slurm import join_slurm_step, lost_workers_named
+
+        join_slurm_step(options.worker_timeout)
+        with lost_workers_named():
+            train()
+    else:
+        if "HOROVOD_RANK" in os.environ:  # it must not outlive its launcher
+            watch_over_worker()
+        train()
+
+
+def supervise(options: LaunchOptions) -> None:
+    """Run the workers through horovodrun and watch them to the job's end. Rank 0's lines print as if it ran alone,
+    the others' on stderr with their rank in front. In an elastic job, where ranks change as workers come and go,
+    stdout prints as it comes (only the current rank 0 prints there) and stderr with the rank each worker started
+    with ("[worker N]").
+
+    Every worker says it is alive every second. In a fixed-size job, a worker that dies makes horovodrun stop the
+    others at once, and one silent for `worker_timeout` seconds makes this supervisor stop the job: either way
+    PipelineError naming the rank and its host; StoppedError when the workers stopped on a signal, with their
+    checkpoint. In an elastic job a silent worker is killed and the others go on; the job fails when fewer than
+    `min_workers` remain for Horovod's elastic timeout."""
+    if "HOROVOD_RANK" in os.environ:
+        raise PipelineError(
+            "--min-workers inside a Horovod job: drop it when launching with horovodrun"
+            if options.elastic
+            else "--workers inside a Horovod job: drop --workers when launching with horovodrun"
+        )
+    placement = [] if options.elastic else rank_hosts(options.hosts or f"localhost:{options.workers}", options.workers)
+    command = horovodrun_command(options)
+    env = dict(os.environ, **horovod_timeouts(options.worker_timeout), PYTHONUNBUFFERED="1")
+    env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see on_silent
+    process = start_horovodrun(command, env)
+    heard: dict[tuple[int, str], float] = {}  # (first rank, host) -> time.monotonic() of its last heartbeat
+    stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
+
+    def on_silent(worker: tuple[int, str], seconds: float) -> bool:
+        if options.elastic:
+            # Frozen, or its host hung or cut off: killed, Horovod counts it lost and the others go on without it.
+            # Left alone, it would block their collectives, and after Gloo's timeout their new rendezvous, which
+            # waits for every worker it knows of.
+            for host in _kill_worker(process.pid, *worker):
+                print(
+                    f"worker on {host} silent for {seconds:.0f} s: stopped it, the others go on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return True
+        # Stopped, frozen or cut off: Horovod cannot tell, and a frozen worker blocks its coordination too, until Gloo
+        # times out and the job fails naming no rank. horovodrun, on SIGTERM, stops every worker.
+        stalled[worker[0]] = seconds
+        process.terminate()
+        return False
+
+    threading.Thread(
+        target=_watch_silence, args=(process, heard, options.worker_timeout, on_silent), daemon=True
+    ).start()
+    ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
+
+    def show(worker: int, stream: str, text: str) -> None:
+        if options.elastic:  # only the current rank 0 prints to stdout, whichever worker that is
+            if stream == "stdout":
+                print(text, flush=True)
+            else:
+                print(f"[worker {worker}] {text}", file=sys.stderr, flush=True)
+        elif stream == "stderr" and SSH_MESSAGE.match(text):
+            ssh_errors.setdefault(worker, text)
+        elif worker == 0:
+            print(text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+        else:
+            print(f"[rank {worker}] {text}", file=sys.stderr, flush=True)
+
+    if not options.elastic:
+        _forward_stop_signals(process, options.worker_command)
+    launcher_lines, worker_errors = _relay(process, show, heard)
+    code = process.wait()
+    if options.elastic:
+        if code != 0:
+            raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
+        return
+    # The first worker to end stopped on a signal (the supervisor's, passed on, or one sent to the workers
+    # themselves): they all did, with the checkpoint written.
+    if re.search(rf"^Exit code: {StoppedError.exit_code}\s*$", "\n".join(launcher_lines), re.M):
+        raise StoppedError("")  # rank 0's line says where, relayed above
+    if stalled:
+        rank, seconds = next(iter(stalled.items()))
+        raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
+    if code != 0:
+        raise PipelineError(_failure(launcher_lines, {**ssh_errors, **worker_errors}, code, placement))
 
 
 def rank_hosts(hosts: str, workers: int) -> list[str]:
@@ -49,97 +221,39 @@ def rank_hosts(hosts: str, workers: int) -> list[str]:
     return names
 
 
-def horovodrun_command(
-    workers: int,
-    hosts: str | None,
-    pipeline_args: list[str],
-    ssh_port: int | None = None,
-    ssh_identity_file: str | None = None,
-    network_interface: str | None = None,
-) -> list[str]:
-    """horovodrun -np N -H hosts --gloo [ssh and network options] <this python> -m pipeline <args>."""
+def horovodrun_command(options: LaunchOptions) -> list[str]:
+    """horovodrun -np N -H hosts --gloo [ssh and network options] <worker command>; elastic: -np min_workers,
+    --min-np/--max-np and the blacklist's cooldown, and the discovery script instead of -H when there is one."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     if not os.path.exists(horovodrun):
         raise PipelineError(f"{horovodrun}: not found; run `make setup`, which builds horovod")
-    options = ["-np", str(workers), "-H", hosts or f"localhost:{workers}", "--gloo"]
-    if ssh_port is not None:
-        options += ["--ssh-port", str(ssh_port)]
-    if ssh_identity_file is not None:
-        options += ["--ssh-identity-file", ssh_identity_file]
-    if network_interface is not None:
-        options += ["--network-interface", network_interface]
-    return [horovodrun, *options, sys.executable, "-m", "pipeline", *pipeline_args]
+    arguments = ["-np", str(options.workers or options.min_workers)]
+    if options.elastic:
+        arguments += ["--min-np", str(options.min_workers)]
+        arguments += ["--max-np", str(options.max_workers)] if options.max_workers else []
+        arguments += ["--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN)]
+    if options.host_discovery_script:  # the script names the hosts, each time Horovod asks
+        arguments += ["--host-discovery-script", options.host_discovery_script]
+    else:
+        arguments += ["-H", options.hosts or f"localhost:{options.workers}"]
+    arguments.append("--gloo")
+    if options.ssh_port is not None:
+        arguments += ["--ssh-port", str(options.ssh_port)]
+    if options.ssh_identity_file is not None:
+        arguments += ["--ssh-identity-file", options.ssh_identity_file]
+    if options.network_interface is not None:
+        arguments += ["--network-interface", options.network_interface]
+    return [horovodrun, *arguments, *options.worker_command]
 
 
-def run_workers(
-    workers: int,
-    hosts: str | None,
-    pipeline_args: list[str],
-    timeout: int,
-    ssh_port: int | None = None,
-    ssh_identity_file: str | None = None,
-    network_interface: str | None = None,
-) -> None:
-    """Run the job; rank 0's lines print as if it ran alone, the others' with their rank in front.
-
-    A worker that dies makes horovodrun stop the others at once; one silent for `timeout` seconds, not even
-    saying it is alive, makes this launcher stop the job. Either way: PipelineError naming the rank and its host.
-    """
-    if "HOROVOD_RANK" in os.environ:
-        raise PipelineError("--workers inside a Horovod job: drop --workers when launching with horovodrun")
-    hosts = hosts or f"localhost:{workers}"
-    placement = rank_hosts(hosts, workers)
-    # The Gloo timeout is a backstop: a frozen worker also blocks Gloo, whose timeout would end the job naming no rank.
-    env = _job_env(timeout, gloo_timeout=timeout + 30)
-    env[HEARTBEAT_VARIABLE] = "1"  # each worker says it is alive every second: see stop_job
-    command = horovodrun_command(workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
-    process = start_horovodrun(command, env)
-    heard: dict[tuple[int, str], float] = {}  # (rank, host) -> time.monotonic() of its last heartbeat
-    stalled: dict[int, float] = {}  # rank -> seconds it had been silent when the job was stopped
-
-    def stop_job(worker: tuple[int, str], seconds: float) -> bool:
-        # A worker silent that long is stopped, frozen or cut off. Horovod cannot tell: a frozen worker blocks its
-        # coordination too, until Gloo times out and the job fails naming no rank. horovodrun, on SIGTERM, stops
-        # every worker.
-        stalled[worker[0]] = seconds
-        process.terminate()
-        return False
-
-    threading.Thread(target=_watch_silence, args=(process, heard, timeout, stop_job), daemon=True).start()
-
-    ssh_errors: dict[int, str] = {}  # rank -> what ssh said when it could not start that worker
-
-    def show(rank: int, stream: str, text: str) -> None:
-        if stream == "stderr" and SSH_MESSAGE.match(text):
-            ssh_errors.setdefault(rank, text)
-        elif rank == 0:
-            print(text, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
-        else:
-            print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-
-    _forward_stop_signals(process)
-    launcher_lines, worker_errors = _relay(process, show, heard)
-    worker_errors = {**ssh_errors, **worker_errors}
-    code = process.wait()
-    # The first worker to end stopped on a signal (this launcher's, passed on, or one sent to the workers themselves):
-    # they all did, with the checkpoint written.
-    if re.search(rf"^Exit code: {StoppedError.exit_code}\s*$", "\n".join(launcher_lines), re.M):
-        raise StoppedError("")  # rank 0's line says where, relayed above
-    if stalled:
-        rank, seconds = next(iter(stalled.items()))
-        raise PipelineError(f"worker rank {rank} on {placement[rank]} stalled for {seconds:.0f} s; the job was stopped")
-    if code != 0:
-        raise PipelineError(_failure(launcher_lines, worker_errors, code, placement))
-
-
-def _forward_stop_signals(process: subprocess.Popen) -> None:
-    """From now on, SIGTERM and SIGUSR1 to this launcher go to the workers on this machine (horovodrun would give
+def _forward_stop_signals(process: subprocess.Popen, worker_command: tuple[str, ...]) -> None:
+    """From now on, SIGTERM and SIGUSR1 to this supervisor go to the workers on this machine (horovodrun would give
     them 5 s, then SIGKILL): any worker's signal stops every worker at one batch with a checkpoint (train/run.py
     Agreement), then each exits with code 75. With no worker here (all on other hosts) the job is stopped as a
     whole."""
 
     def forward(number: int, frame) -> None:
-        workers = [pid for pid in _descendants(process.pid) if _is_worker(pid)]
+        workers = [pid for pid in _descendants(process.pid) if _runs(pid, worker_command)]
         for pid in workers:
             with contextlib.suppress(OSError):
                 os.kill(pid, number)
@@ -150,25 +264,15 @@ def _forward_stop_signals(process: subprocess.Popen) -> None:
         signal.signal(number, forward)
 
 
-def _is_worker(pid: int) -> bool:
-    """Whether process `pid` runs `python -m pipeline ...` itself (not a shell or ssh that starts one)."""
+def _runs(pid: int, command: tuple[str, ...]) -> bool:
+    """Whether process `pid` runs `command` itself (a worker, not the shell or ssh that starts one: their command
+    lines hold it as one string)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
             argv = file.read().split(b"\0")
     except OSError:
         return False
-    return any(argv[i : i + 2] == [b"-m", b"pipeline"] for i in range(len(argv) - 1))
-
-
-def _job_env(timeout: int, gloo_timeout: int) -> dict[str, str]:
-    """The environment of horovodrun and its workers: Horovod's stall check and Gloo's timeout from `timeout`."""
-    return dict(
-        os.environ,
-        HOROVOD_STALL_CHECK_TIME_SECONDS=str(min(timeout, 60)),
-        HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(timeout),
-        HOROVOD_GLOO_TIMEOUT_SECONDS=str(gloo_timeout),
-        PYTHONUNBUFFERED="1",
-    )
+    return argv[: len(command)] == [os.fsencode(part) for part in command]
 
 
 def _relay(
@@ -289,64 +393,6 @@ def _failure(
 
 def _last_line(text: str) -> str:
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-
-
-# Seconds a host whose worker failed stays out of an elastic job before the discovery script may return it
-# (without a range, Horovod keeps it out for good).
-BLACKLIST_COOLDOWN = (2, 300)
-
-
-def run_elastic_workers(
-    min_workers: int,
-    max_workers: int | None,
-    discovery_script: str | None,
-    hosts: str | None,
-    pipeline_args: list[str],
-    timeout: int,
-    ssh_port: int | None = None,
-    ssh_identity_file: str | None = None,
-    network_interface: str | None = None,
-) -> None:
-    """Run the job under Horovod Elastic: horovodrun --min-np/--max-np with a host discovery script or a fixed
-    host list. Workers come and go; the job ends when training does, or fails when fewer than `min_workers`
-    remain for Horovod's elastic timeout. Lines print as run_workers prints them, by the worker's first rank."""
-    if "HOROVOD_RANK" in os.environ:
-        raise PipelineError("--min-workers inside a Horovod job: drop it when launching with horovodrun")
-    command = horovodrun_command(min_workers, hosts, pipeline_args, ssh_port, ssh_identity_file, network_interface)
-    at = command.index("-H")
-    if discovery_script:  # instead of -H: the script names the hosts, each time Horovod asks
-        command[at : at + 2] = ["--host-discovery-script", discovery_script]
-    command[at:at] = ["--min-np", str(min_workers), *(["--max-np", str(max_workers)] if max_workers else [])]
-    command[at:at] = ["--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN)]
-    env = _job_env(timeout, gloo_timeout=timeout + 30)  # a frozen worker: stopped here first, see below
-    env[HEARTBEAT_VARIABLE] = "1"
-    process = start_horovodrun(command, env)
-    heard: dict[tuple[int, str], float] = {}  # (first rank, host) -> time.monotonic() of its last heartbeat
-
-    def stop_worker(worker: tuple[int, str], seconds: float) -> bool:
-        # Frozen, or its host hung or cut off: killed, Horovod counts it lost and the others go on without it.
-        # Left alone, it would block their collectives, and after Gloo's timeout their new rendezvous, which waits
-        # for every worker it knows of.
-        for host in _kill_worker(process.pid, *worker):
-            print(
-                f"worker on {host} silent for {seconds:.0f} s: stopped it, the others go on",
-                file=sys.stderr,
-                flush=True,
-            )
-        return True
-
-    threading.Thread(target=_watch_silence, args=(process, heard, timeout, stop_worker), daemon=True).start()
-
-    def show(worker: int, stream: str, text: str) -> None:
-        if stream == "stdout":  # only the current rank 0 prints to stdout, whichever worker that is
-            print(text, flush=True)
-        else:
-            print(f"[worker {worker}] {text}", file=sys.stderr, flush=True)
-
-    launcher_lines, worker_errors = _relay(process, show, heard)
-    code = process.wait()
-    if code != 0:
-        raise PipelineError(_elastic_failure(launcher_lines, worker_errors, code))
 
 
 def _kill_worker(horovodrun: int, worker: int, host: str) -> list[str]:

@@ -1,5 +1,6 @@
 """`srun pipeline train ...` inside a Slurm allocation: every task of the job step is one Horovod worker (Gloo), with
-no horovodrun and no ssh between nodes. Imports no TensorFlow.
+no horovodrun and no ssh between nodes; srun is the launcher, and Slurm watches the tasks. train/launch.py run_job
+decides that a process is such a task (train/launchers.py in_slurm_step) and joins it here. Imports no TensorFlow.
 
 Slurm tells each task its rank (SLURM_PROCID), the step's size (SLURM_STEP_NUM_TASKS), its node (SLURMD_NODENAME)
 and the step's nodes (SLURM_STEP_NODELIST, expanded by `scontrol show hostnames`). Horovod's Gloo workers need what
@@ -29,6 +30,7 @@ import urllib.error
 import urllib.request
 
 from serve.errors import PipelineError
+from train.launchers import horovod_timeouts
 
 # The rendezvous port: PIPELINE_RENDEZVOUS_PORT, else this base plus a number from the job and step ids, below Linux's
 # ephemeral ports (32768 and up), which outgoing connections take.
@@ -39,15 +41,6 @@ SCOPE = "pipeline"  # the rendezvous store's scope for this module's keys (Gloo'
 
 class SlurmError(PipelineError):
     """A Slurm job step whose tasks cannot become one Horovod job."""
-
-
-def in_slurm_step() -> bool:
-    """Whether this process is one task of a srun job step of several tasks. (The batch script itself, and
-    `srun -n1`, are not: they train alone; a task horovodrun or mpirun started belongs to their job.)"""
-    env = os.environ
-    tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
-    launched = any(name in env for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
-    return "SLURM_STEP_ID" in env and tasks.isdigit() and int(tasks) > 1 and not launched
 
 
 def join_slurm_step(timeout: int) -> None:
@@ -235,7 +228,7 @@ def _slot(slot: dict):
 
 def _worker_env(slot: dict, address: str, port: int, timeout: int) -> dict[str, str]:
     """What horovodrun's gloo_run puts in a worker's environment, for this slot; Horovod's stall check and Gloo's
-    timeout as `pipeline train --workers` sets them."""
+    timeout as the supervisor of `pipeline train --workers` sets them."""
     env = {
         "HOROVOD_HOSTNAME": slot["hostname"],
         "HOROVOD_RANK": str(slot["rank"]),
@@ -248,9 +241,7 @@ def _worker_env(slot: dict, address: str, port: int, timeout: int) -> dict[str, 
         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
         "HOROVOD_CONTROLLER": "gloo",
         "HOROVOD_CPU_OPERATIONS": "gloo",
-        "HOROVOD_STALL_CHECK_TIME_SECONDS": str(min(timeout, 60)),
-        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(timeout),
-        "HOROVOD_GLOO_TIMEOUT_SECONDS": str(timeout + 30),
+        **horovod_timeouts(timeout),
     }
     interface = os.environ.get("HOROVOD_GLOO_IFACE") or _interface_towards(address, port)
     if interface:
