@@ -8,10 +8,11 @@ them, so `pipeline --help` stays fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
 
-from pipeline.label import newest_bundle
+from pipeline.label import LABEL_OPTIONS, MODEL_FILE, Option, newest_bundle
 from quantize import MODES
 from serve.bundle import MAX_NUM_THREADS
 from train.launchers import DEFAULT_WORKER_TIMEOUT
@@ -46,8 +47,24 @@ def cli() -> None:
     """
 
 
+def click_option(option: Option) -> Callable:
+    """`option` of pipeline/label.py's table as a click option: bounds as click's ranges, floats finite."""
+    settings: dict = {"help": option.help}
+    if option.type is bool:
+        return click.option(*option.flags, option.keyword, is_flag=True, **settings)
+    settings |= {"type": option.type, "multiple": option.multiple}
+    if option.minimum is not None or option.maximum is not None:
+        kind = click.IntRange if option.type is int else click.FloatRange
+        settings["type"] = kind(option.minimum, option.maximum, min_open=option.minimum_open)
+    if option.type is float:
+        settings["callback"] = _finite
+    if option.default is not None:
+        settings |= {"default": option.default, "show_default": True}
+    return click.option(*option.flags, option.keyword, **settings)
+
+
 # Options that several commands share.
-model_file_option = click.option("-m", "--model_file", help="A .tflite bundle. Default: the newest bundle under runs/.")
+model_file_option = click_option(MODEL_FILE)
 latency_threads_option = click.option(
     "--num-threads",
     type=click.IntRange(1, MAX_NUM_THREADS),
@@ -268,60 +285,17 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
     )
 
 
+def label_options(command: Callable) -> Callable:
+    """The options of pipeline/label.py's LABEL_OPTIONS, in its order."""
+    for option in reversed(LABEL_OPTIONS):
+        command = click_option(option)(command)
+    return command
+
+
 @cli.command()
 @click.argument("images", nargs=-1)
-@click.option("-i", "--image", "more_images", multiple=True, help="An image to label (label_image's flag).")
-@model_file_option
-@click.option(
-    "-l",
-    "--label_file",
-    help="Labels, one per line. Default: the bundle's own, else labels.txt beside the model.",
-)
-@click.option(
-    "-k",
-    "--top_k",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="How many labels to print per image.",
-)
-@click.option(
-    "--input_mean", type=float, callback=_finite, help="Float models: subtract this from pixels (bundles: 0)."
-)
-@click.option(
-    "--input_std",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_finite,
-    help="Float models: divide pixels by this, > 0 (bundles: 1).",
-)
-@click.option(
-    "--num_threads", type=click.IntRange(1, MAX_NUM_THREADS), help="Interpreter threads (at most 4 per core)."
-)
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=1),
-    help="Threads decoding images; 2 or more also overlap decoding with the model. Default: one per core.",
-)
-@click.option(
-    "--ignore-checksum",
-    is_flag=True,
-    help="Load a bundle even if its checksum does not match (a bundle another tool changed on purpose).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per image, instead.")
-def label(
-    images,
-    more_images,
-    model_file,
-    label_file,
-    top_k,
-    input_mean,
-    input_std,
-    num_threads,
-    jobs,
-    ignore_checksum,
-    as_json,
-) -> None:
+@label_options
+def label(images, more_images, **options) -> None:
     """Print the top labels of each image, best first: `label (index): score`.
 
     IMAGES are image files or folders (all their images at any depth, sorted, hidden ones skipped). Results
@@ -332,18 +306,7 @@ def label(
     images = list(images) + list(more_images)
     if not images:
         raise click.UsageError("give at least one image")
-    exit_code = label_images(
-        images,
-        model_file=model_file,
-        label_file=label_file,
-        top_k=top_k,
-        input_mean=input_mean,
-        input_std=input_std,
-        num_threads=num_threads,
-        jobs=jobs,
-        ignore_checksum=ignore_checksum,
-        as_json=as_json,
-    )
+    exit_code = label_images(images, **options)
     if exit_code:
         sys.exit(exit_code)
 

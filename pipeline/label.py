@@ -1,8 +1,8 @@
 """`pipeline label`'s work: image files and folders in, label_image-style lines (or JSON lines) out, in order.
 
-`pipeline label ...` reaches this module without click (see pipeline/cli.py): `parse_label_args` reads the
-common command lines itself and leaves help, usage errors and anything unusual to click, which gives the same
-answers it always did. It imports no pathlib, and json only for --json.
+The options are defined once, in LABEL_OPTIONS: pipeline/commands.py makes click's options from it, and
+`parse_label_args` reads the common command lines with it, without click (see pipeline/cli.py), leaving help,
+usage errors and anything unusual to click. This module imports no pathlib, and json only for --json.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 from serve.bundle import MAX_NUM_THREADS
 from serve.errors import PipelineError
@@ -26,59 +27,92 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _int_at_least_one(text: str) -> int | None:
+class Option(NamedTuple):
+    """One option of `pipeline label`: the one definition from which pipeline/commands.py makes click's option and
+    `parse_label_args` its plain reader. Numbers must be finite and within the bounds given."""
+
+    flags: tuple[str, ...]
+    keyword: str
+    type: type  # str, int or float; bool for a flag, which takes no value
+    help: str
+    default: object = None
+    minimum: float | None = None
+    minimum_open: bool = False  # the minimum itself is refused
+    maximum: float | None = None
+    multiple: bool = False
+
+
+MODEL_FILE = Option(
+    ("-m", "--model_file"), "model_file", str, "A .tflite bundle. Default: the newest bundle under runs/."
+)
+LABEL_OPTIONS = (
+    Option(("-i", "--image"), "more_images", str, "An image to label (label_image's flag).", multiple=True),
+    MODEL_FILE,
+    Option(
+        ("-l", "--label_file"),
+        "label_file",
+        str,
+        "Labels, one per line. Default: the bundle's own, else labels.txt beside the model.",
+    ),
+    Option(("-k", "--top_k"), "top_k", int, "How many labels to print per image.", default=5, minimum=1),
+    Option(("--input_mean",), "input_mean", float, "Float models: subtract this from pixels (bundles: 0)."),
+    Option(
+        ("--input_std",),
+        "input_std",
+        float,
+        "Float models: divide pixels by this, > 0 (bundles: 1).",
+        minimum=0,
+        minimum_open=True,
+    ),
+    Option(
+        ("--num_threads",),
+        "num_threads",
+        int,
+        "Interpreter threads (at most 4 per core).",
+        minimum=1,
+        maximum=MAX_NUM_THREADS,
+    ),
+    Option(
+        ("-j", "--jobs"),
+        "jobs",
+        int,
+        "Threads decoding images; 2 or more also overlap decoding with the model. Default: one per core.",
+        minimum=1,
+    ),
+    Option(
+        ("--ignore-checksum",),
+        "ignore_checksum",
+        bool,
+        "Load a bundle even if its checksum does not match (a bundle another tool changed on purpose).",
+        default=False,
+    ),
+    Option(("--json",), "as_json", bool, "Print JSON lines, one per image, instead.", default=False),
+)
+_BY_FLAG = {flag: option for option in LABEL_OPTIONS for flag in option.flags}
+
+
+def _value(option: Option, text: str) -> object | None:
+    """`text` as `option`'s value, or None where click refuses it (and says why)."""
     try:
-        value = int(text)
+        value = option.type(text)
     except ValueError:
         return None
-    return value if value >= 1 else None
-
-
-def _num_threads(text: str) -> int | None:
-    value = _int_at_least_one(text)
-    return value if value is not None and value <= MAX_NUM_THREADS else None
-
-
-def _finite(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
+    if option.type is float:
+        if not math.isfinite(value):
+            return None
+        value += 0.0  # -0 reads as 0, as click's option does
+    if option.minimum is not None and (value < option.minimum or (option.minimum_open and value == option.minimum)):
         return None
-    return value if math.isfinite(value) else None
-
-
-def _positive_finite(text: str) -> float | None:
-    value = _finite(text)
-    return value if value is not None and value > 0 else None
-
-
-# The options of `label` (pipeline/commands.py declares the same ones to click): keyword and conversion. A
-# conversion returns None for a value click refuses, so that click can say why.
-_VALUE_OPTIONS = {
-    "-i": ("more_images", str),
-    "--image": ("more_images", str),
-    "-m": ("model_file", str),
-    "--model_file": ("model_file", str),
-    "-l": ("label_file", str),
-    "--label_file": ("label_file", str),
-    "-k": ("top_k", _int_at_least_one),
-    "--top_k": ("top_k", _int_at_least_one),
-    "--input_mean": ("input_mean", _finite),
-    "--input_std": ("input_std", _positive_finite),
-    "--num_threads": ("num_threads", _num_threads),
-    "-j": ("jobs", _int_at_least_one),
-    "--jobs": ("jobs", _int_at_least_one),
-}
-_FLAGS = {"--ignore-checksum": "ignore_checksum", "--json": "as_json"}
+    if option.maximum is not None and value > option.maximum:
+        return None
+    return value
 
 
 def parse_label_args(args: list[str]) -> dict | None:
     """`label_images`'s keyword arguments from `pipeline label`'s arguments, or None where click must answer:
     help, no image, an unknown option, a value out of range or any spelling this reader does not know."""
-    options: dict = {"model_file": None, "label_file": None, "top_k": 5, "input_mean": None, "input_std": None}
-    options |= {"num_threads": None, "jobs": None, "ignore_checksum": False, "as_json": False}
+    options = {option.keyword: [] if option.multiple else option.default for option in LABEL_OPTIONS}
     images: list[str] = []
-    more_images: list[str] = []
     rest = iter(args)
     for arg in rest:
         if arg == "--":
@@ -87,27 +121,26 @@ def parse_label_args(args: list[str]) -> dict | None:
         if arg == "-" or not arg.startswith("-"):
             images.append(arg)
             continue
-        if arg in _FLAGS:
-            options[_FLAGS[arg]] = True
+        name, has_value, text = arg.partition("=") if arg.startswith("--") else (arg[:2], len(arg) > 2, arg[2:])
+        option = _BY_FLAG.get(name)
+        if option is None or (option.type is bool and has_value):
+            return None
+        if option.type is bool:
+            options[option.keyword] = True
             continue
-        name, has_value, value = arg.partition("=") if arg.startswith("--") else (arg[:2], len(arg) > 2, arg[2:])
-        if name not in _VALUE_OPTIONS:
-            return None
         if not has_value:
-            value = next(rest, None)
-            if value is None:
+            text = next(rest, None)
+            if text is None:
                 return None
-        keyword, convert = _VALUE_OPTIONS[name]
-        converted = convert(value)
-        if converted is None:
+        value = _value(option, text)
+        if value is None:
             return None
-        if keyword == "more_images":
-            more_images.append(converted)
+        if option.multiple:
+            options[option.keyword].append(value)
         else:
-            options[keyword] = converted
-    if not images and not more_images:
-        return None
-    return {"images": images + more_images, **options}
+            options[option.keyword] = value
+    images += options.pop("more_images")
+    return {"images": images, **options} if images else None
 
 
 def newest_bundle(runs_dir: str = "runs") -> str:
@@ -180,15 +213,16 @@ class Progress:
 
 def label_images(
     images: list[str],
-    model_file: str | None = None,
-    label_file: str | None = None,
-    top_k: int = 5,
-    input_mean: float | None = None,
-    input_std: float | None = None,
-    num_threads: int | None = None,
-    jobs: int | None = None,
-    ignore_checksum: bool = False,
-    as_json: bool = False,
+    *,
+    model_file: str | None,
+    label_file: str | None,
+    top_k: int,
+    input_mean: float | None,
+    input_std: float | None,
+    num_threads: int | None,
+    jobs: int | None,
+    ignore_checksum: bool,
+    as_json: bool,
 ) -> int:
     """Label image files and folders of them (expanded in place, sorted), printing results in input order.
 

@@ -166,6 +166,7 @@ ACCEPTED = [
     ["--json", "--ignore-checksum", "-j", "2", "--num_threads", "1", "a.png", "-l", "l.txt"],
     ["--input_mean", "-3", "--input_std", "2.5", "--", "-x.png", "--json"],
     ["-", "--jobs=1", "--input_mean=1e3"],
+    ["a.png", "--input_mean=-0", "--input_std", "1_000", "--image=-b.png"],
 ]
 LEFT_TO_CLICK = [
     [],
@@ -179,6 +180,8 @@ LEFT_TO_CLICK = [
     ["a.png", "--input_std", "0"],
     ["a.png", "--input_mean", "inf"],
     ["a.png", "--json=yes"],
+    ["a.png", "--ignore-checksum=1"],
+    ["a.png", "--num_threads", "1000"],
     ["a.png", "--bogus"],
     ["a.png", "--top-k", "3"],
 ]
@@ -186,6 +189,7 @@ LEFT_TO_CLICK = [
 
 @pytest.mark.parametrize("args", ACCEPTED)
 def test_the_plain_argument_reader_agrees_with_click(args):
+    """Both are made from pipeline/label.py's LABEL_OPTIONS; they read the same values the same way."""
     from pipeline.commands import label
 
     params = label.make_context("label", list(args)).params
