@@ -91,6 +91,26 @@ def test_ssh_and_network_options_need_workers(tmp_path):
     assert not (tmp_path / "alone").exists()
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"hosts": "a:1"}, "--hosts needs --workers or --min-workers"),
+        ({"ssh_identity_file": "key"}, "--ssh-identity-file needs --workers or --min-workers"),
+        ({"workers": 2, "min_workers": 2, "hosts": "a:2"}, "--min-workers and --workers exclude each other"),
+        ({"workers": 2, "max_workers": 3}, "--max-workers and --host-discovery-script need --min-workers"),
+        ({"host_discovery_script": "hosts.sh"}, "--max-workers and --host-discovery-script need --min-workers"),
+        ({"min_workers": 2}, "--min-workers needs --host-discovery-script or --hosts (two hosts or more)"),
+        ({"min_workers": 3, "max_workers": 2, "hosts": "a:3"}, "--max-workers 2 is less than --min-workers 3"),
+    ],
+)
+def test_launch_options_that_cannot_go_together_are_a_usage_error(options, message):
+    from train.launch import LaunchOptions, LaunchOptionsError
+
+    with pytest.raises(LaunchOptionsError) as refused:
+        LaunchOptions(**options)
+    assert str(refused.value).startswith(message) and refused.value.exit_code == 2
+
+
 def test_hosts_whose_slots_do_not_add_up_to_the_workers_are_refused(tmp_path):
     result = train(tmp_path, "pair", "--workers", "2", "--hosts", "localhost:3")
     assert result.returncode == 1 and "Traceback" not in result.stderr
