@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from serve.errors import PipelineError
-from train.rundir import check_resume, load_yaml, make_runs_dir, nothing_to_resume, read_settings
+from train.rundir import RunDir, check_resume, load_yaml, make_runs_dir, read_settings
 
 # The named configs: `--config fashion_mnist` is configs/fashion_mnist.yaml. They sit at the top of the repository
 # and install as pipeline/configs/ (pyproject.toml maps them there), so a wheel finds them beside this file.
@@ -83,16 +83,16 @@ def config_file_path(value: str | None) -> str:
 def train_config(config_path: str | None, overrides: dict, resume: bool = False) -> dict:
     """The config `pipeline train` runs: a config file (a path or a name in configs/) with the overrides; or,
     to resume, the run's own config.yaml with the config file's settings (if one is given) and the overrides over
-    it, which may not change what defines the run. A resume with nothing to resume yet (train/rundir.py
-    nothing_to_resume) is a new run's config: the same command line starts a run and continues it."""
+    it, which may not change what defines the run. A resume with nothing to resume yet (RunDir.nothing_to_resume)
+    is a new run's config: the same command line starts a run and continues it."""
     if resume:
         given = read_settings(config_file_path(config_path), ConfigError) if config_path is not None else {}
         given |= overrides
         where = load_config(None, {key: value for key, value in given.items() if key in ("name", "runs_dir")})
-        run = Path(where["runs_dir"]) / where["name"]
-        if not nothing_to_resume(run):
-            config = load_config(run / "config.yaml", given)
-            check_resume(run, load_config(run / "config.yaml"), config)
+        run = RunDir.of(where)
+        if not run.nothing_to_resume():
+            config = load_config(run.config_file, given)
+            check_resume(run, load_config(run.config_file), config)
             return config
     config = load_config(config_file_path(config_path), overrides)
     make_runs_dir(config["runs_dir"])  # a file, or a folder no one can write: said now, before any work

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 from pipeline.config import ConfigError, config_file_path, inside_runs_dir, load_config, train_config
 from pipeline.tensorflow_env import prepare
 from serve.errors import PipelineError
+from train.rundir import RunDir
 
 if TYPE_CHECKING:  # annotations only, imported where used: importing this module stays cheap
+    from quantize.export import Trained
     from train.launch import LaunchOptions
 
 
@@ -87,16 +89,16 @@ def quantize_run(
     the data's test split (its validation split when the data has none). Raises GateRefused, after writing the
     float32 bundle and the report, when a quantised bundle loses more than `budget` points.
     """
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise PipelineError(f"{run}: not a run directory (no config.yaml); train one with pipeline train")
-    config = load_config(run / "config.yaml")
+    run = RunDir(Path(run_dir))
+    if not run.config_file.is_file():
+        raise PipelineError(f"{run}: not a run directory (no {run.config_file.name}); train one with pipeline train")
+    config = load_config(run.config_file)
     prepare()
     from quantize.export import QuantizeData, export_bundles
     from train.data import load_dataset, stratified_sample
-    from train.rundir import run_lock
 
-    with run_lock(run, "quantizing"):
+    with run.lock("quantizing"):
+        trained = trained_run(run, modes)
         data = load_dataset(config, train_in_memory="qat" in modes)  # QAT trains; the rest calibrates on a few
         held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
         quantize_data = QuantizeData(
@@ -109,7 +111,7 @@ def quantize_run(
             train_y=data.train_y,
         )
         report = export_bundles(
-            run, quantize_data, modes=modes, budget=budget, qat_epochs=qat_epochs, num_threads=num_threads
+            trained, quantize_data, modes=modes, budget=budget, qat_epochs=qat_epochs, num_threads=num_threads
         )
     if report["rejected"]:
         raise GateRefused(
@@ -139,10 +141,9 @@ def export_pretrained(
     from quantize.export import QuantizeData, export_bundles
     from train.efficientnet_lite import imagenet_labels
     from train.pretrained import calibration_images, create_run, held_out_crops, sample_photo_pixels
-    from train.rundir import run_lock
 
-    run = Path(runs_dir) / name
-    with run_lock(run, "exporting"):
+    run = RunDir(Path(runs_dir) / name)
+    with run.lock("exporting"):
         create_run(run)
         data = QuantizeData(
             class_names=imagenet_labels(),
@@ -152,7 +153,31 @@ def export_pretrained(
             eval_split="sample photo",
             holdout_x=held_out_crops(),
         )
-        return export_bundles(run, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
+        trained = trained_run(run, modes)
+        return export_bundles(trained, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
+
+
+def trained_run(run: RunDir, modes: Sequence[str]) -> Trained:
+    """What quantize/ needs of `run` (a train.rundir.RunDir; quantize knows no run's layout): its model, config and
+    summary, and where the bundles of `modes` (and float32's), labels.txt and the report go. QuantizeError when the
+    run has not finished training."""
+    import dataclasses
+
+    from quantize.export import QuantizeError, Trained
+
+    for path in (run.config_file, run.summary_file, run.best_model):
+        if not path.exists():
+            raise QuantizeError(f"{run}: no {path.name}; train it first (pipeline train) or let it finish")
+    return Trained(
+        name=run.name,
+        run_dir=str(run),
+        model_file=run.best_model,
+        config=run.read_config(),
+        summary=dataclasses.asdict(run.read_summary()),
+        bundle_files={mode: run.bundle(mode) for mode in ["float32", *modes]},
+        labels_file=run.labels_file,
+        report_file=run.report_file,
+    )
 
 
 def write_fashion_mnist_samples(

@@ -1,4 +1,7 @@
-"""From a run directory to bundles: convert, evaluate against float, gate, write metadata, report."""
+"""From a trained Keras model to bundles: convert, evaluate against float, gate, write metadata, report.
+
+quantize/ knows no run directory's layout: the caller (pipeline/jobs.py, from train.rundir.RunDir) says where the
+model is and where each file goes (`Trained`)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-import yaml
 
 from quantize import QUANTIZED_MODES
 from quantize.client_input import CLIENT_CHANNELS, as_rgb, for_clients
@@ -23,7 +25,7 @@ from quantize.metadata import embed_metadata
 from quantize.tflite_internals import check_version
 from serve.classifier import Classifier
 from serve.errors import PipelineError
-from serve.files import MiB, read_regular_file, write_atomic
+from serve.files import write_atomic
 
 BUNDLE_FORMAT_VERSION = 1
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
@@ -49,14 +51,24 @@ class QuantizeData:
     train_y: np.ndarray | None = None
 
 
-def bundle_path(run: Path, mode: str) -> Path:
-    return run / "export" / f"{run.name}_{mode}.tflite"
+@dataclass(kw_only=True)
+class Trained:
+    """A trained model, what its bundles say about it, and where they go."""
+
+    name: str  # the run's name, in each bundle's metadata
+    run_dir: str  # where it came from, in the report
+    model_file: Path  # a Keras model (.keras)
+    config: dict  # the run's resolved config: input size, channels, model; kept whole in the metadata
+    summary: dict  # the run's summary (train.rundir.Summary as a dict): normalization, fingerprint, accuracies
+    bundle_files: dict[str, Path]  # where each mode's bundle goes, float32 included
+    labels_file: Path  # labels.txt beside the bundles, for label_image-style tools
+    report_file: Path
 
 
 def export_bundles(
-    run: Path, data: QuantizeData, *, modes: Sequence[str], budget: float, qat_epochs: int, num_threads: int
+    trained: Trained, data: QuantizeData, *, modes: Sequence[str], budget: float, qat_epochs: int, num_threads: int
 ) -> dict:
-    """Write a float32 bundle and one bundle per mode into run/export/, and the report into run/.
+    """Write a float32 bundle and one bundle per mode, labels.txt and the report, where `trained` says.
 
     Each bundle is run by serve's Classifier on `data.eval_x` and compared with float32. A quantised bundle
     whose top-1 accuracy drops more than `budget` points below float32 is not written (an older bundle of
@@ -64,16 +76,18 @@ def export_bundles(
     """
     check_version(tf.__version__)  # before anything is written: embedding the metadata needs a supported release
     if "qat" in modes and (data.train_x is None or data.train_y is None):
-        raise QuantizeError(f"{run}: mode qat fine-tunes on the training split, and none was given (train_x, train_y)")
-    config, summary = _read_run(run)
-    model = keras.models.load_model(run / "best.keras", compile=False)
+        raise QuantizeError(
+            f"{trained.run_dir}: mode qat fine-tunes on the training split, and none was given (train_x, train_y)"
+        )
+    config = trained.config
+    model = keras.models.load_model(trained.model_file, compile=False)
     # Bundles take RGB whatever the model trained on (quantize/client_input.py): evaluated on RGB too.
     rgb = {"eval_x": as_rgb(data.eval_x), "calibration": as_rgb(data.calibration)}
     if data.holdout_x is not None:
         rgb["holdout_x"] = as_rgb(data.holdout_x)
     data = dataclasses.replace(data, **rgb)
-    base = _base_metadata(run, config, summary, data)
-    write_atomic(run / "export" / "labels.txt", "\n".join(data.class_names) + "\n")
+    base = _base_metadata(trained.name, config, trained.summary, data)
+    write_atomic(trained.labels_file, "\n".join(data.class_names) + "\n")
 
     results: dict[str, dict] = {}
     made: dict[str, tuple[bytes, dict, Classifier]] = {}  # mode: (flatbuffer, metadata, its classifier)
@@ -97,32 +111,24 @@ def export_bundles(
     for mode, (flat, metadata, classifier) in made.items():
         gate(results[mode], mode, results["float32"], data, budget)
         if results[mode]["accepted"]:
-            results[mode]["bundle"] = str(write_bundle(run, mode, flat, metadata, classifier, results))
+            path = trained.bundle_files[mode]
+            write_bundle(path, mode, flat, metadata, classifier, results)
+            results[mode]["bundle"] = str(path)
         else:
-            _set_aside_previous(bundle_path(run, mode))
+            _set_aside_previous(trained.bundle_files[mode])
 
-    report = make_report(run, data, budget, num_threads, results)
-    write_atomic(run / "quantize_report.json", json.dumps(report, indent=2))
+    report = make_report(trained.run_dir, data, budget, num_threads, results)
+    write_atomic(trained.report_file, json.dumps(report, indent=2))
     print(format_report(report))
     return report
 
 
-def _read_run(run: Path) -> tuple[dict, dict]:
-    names = ("config.yaml", "summary.json", "best.keras")
-    for name in names:
-        if not (run / name).exists():
-            raise QuantizeError(f"{run}: no {name}; train it first (pipeline train) or let it finish")
-    # By the regular-file rule, as bundles: a run's file that is a named pipe or a device is refused, not waited on.
-    config, summary = (read_regular_file(str(run / name), 64 * MiB, "a run file", QuantizeError) for name in names[:2])
-    return yaml.safe_load(config), json.loads(summary)
-
-
-def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -> dict:
+def _base_metadata(name: str, config: dict, summary: dict, data: QuantizeData) -> dict:
     size, trained_channels = int(config["input_size"]), int(config["channels"])
     return {
         "format": "edge-pipeline bundle",
         "format_version": BUNDLE_FORMAT_VERSION,
-        "name": run.name,
+        "name": name,
         "labels": data.class_names,
         "input": {
             "height": size,
@@ -143,7 +149,7 @@ def _base_metadata(run: Path, config: dict, summary: dict, data: QuantizeData) -
         "preprocessing": "serve.preprocess.to_pixels: first frame, EXIF upright, transparency on white, "
         "RGB, whole image resized bilinear to the input size, uint8",
         "provenance": {
-            "run": run.name,
+            "run": name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": public_config(config),
             "data_fingerprint": summary["data_fingerprint"],
@@ -259,7 +265,7 @@ def gate(metrics: dict, mode: str, float32: dict, data: QuantizeData, budget: fl
     metrics["accepted"] = not gated or drop <= budget
 
 
-def write_bundle(run: Path, mode: str, flat: bytes, metadata: dict, classifier: Classifier, results: dict) -> Path:
+def write_bundle(path: Path, mode: str, flat: bytes, metadata: dict, classifier: Classifier, results: dict) -> None:
     """Write the accepted bundle: the evaluated model with its input/output spec and its metrics (and
     float32's) added to the metadata, signed again."""
     metadata = {
@@ -269,9 +275,7 @@ def write_bundle(run: Path, mode: str, flat: bytes, metadata: dict, classifier: 
         "output_quantization": dict(zip(("scale", "zero_point"), classifier.output_quantization)),
         "metrics": {"float32": _public(results["float32"]), mode: _public(results[mode])},
     }
-    path = bundle_path(run, mode)
     write_atomic(path, embed_metadata(flat, metadata))
-    return path
 
 
 def _public(metrics: dict) -> dict:
@@ -288,10 +292,10 @@ def _set_aside_previous(bundle: Path) -> None:
         print(f"moved the previous {bundle.name} aside to {stale} (it was made from an earlier model)", flush=True)
 
 
-def make_report(run: Path, data: QuantizeData, budget: float, num_threads: int, results: dict) -> dict:
-    """The report written to quantize_report.json: every bundle's metrics, and which modes were rejected."""
+def make_report(run_dir: str, data: QuantizeData, budget: float, num_threads: int, results: dict) -> dict:
+    """The report (the run's quantize_report.json): every bundle's metrics, and which modes were rejected."""
     return {
-        "run": str(run),
+        "run": run_dir,
         "eval_split": data.eval_split,
         "eval_images": len(data.eval_x),
         "held_out_images": 0 if data.holdout_x is None else len(data.holdout_x),

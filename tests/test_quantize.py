@@ -18,7 +18,7 @@ from serve.bundle import read_bundle_metadata, read_model_file
 from serve.errors import PipelineError
 from tests.conftest import ROOT, make_image_folder, run_pipeline
 from tests.test_train import ViewWithoutArray
-from train.rundir import run_lock
+from train.rundir import RunDir
 
 
 def test_report_compares_every_bundle_with_float(fmnist_run, bundles):
@@ -105,7 +105,7 @@ def test_bundle_provenance_has_no_absolute_paths(fmnist_run, bundles, runs_dir):
 def test_quantize_waits_for_no_one_while_a_run_is_locked(tmp_path, fmnist_run, bundles):
     """Two processes on one run directory: the second is refused, naming the first's PID."""
     run = copy_run(fmnist_run, tmp_path / "fmnist")
-    with run_lock(run, "training"):
+    with RunDir(run).lock("training"):
         result = run_pipeline("quantize", str(run), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"in use by PID {os.getpid()}" in result.stderr
@@ -137,16 +137,18 @@ def test_qat_without_training_data_is_refused_before_writing(tmp_path, fmnist_ru
     from pipeline.tensorflow_env import prepare
 
     prepare()
+    from pipeline.jobs import trained_run
     from quantize.export import QuantizeData, QuantizeError, export_bundles
 
     run = copy_run(fmnist_run, tmp_path / "fmnist")
+    trained = trained_run(RunDir(run), ["int8", "qat"])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     images = np.zeros((4, 28, 28, 1), np.uint8)
     data = QuantizeData(
         class_names=list("abcdefghij"), calibration=images, eval_x=images, eval_y=None, eval_split="val"
     )
     with pytest.raises(QuantizeError, match="qat fine-tunes on the training split"):
-        export_bundles(run, data, modes=["int8", "qat"], budget=1.0, qat_epochs=1, num_threads=1)
+        export_bundles(trained, data, modes=["int8", "qat"], budget=1.0, qat_epochs=1, num_threads=1)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -157,6 +159,7 @@ def test_quantize_reads_eval_and_training_images_batch_by_batch(tmp_path, fmnist
     from pipeline.tensorflow_env import prepare
 
     prepare()
+    from pipeline.jobs import trained_run
     from quantize.export import LATENCY_ROUNDS, LATENCY_RUNS, QuantizeData, export_bundles
     from train.data import load_dataset
 
@@ -172,7 +175,8 @@ def test_quantize_reads_eval_and_training_images_batch_by_batch(tmp_path, fmnist
         train_x=train_x,
         train_y=data.train_y[:300],
     )
-    report = export_bundles(run, quantize_data, modes=["qat"], budget=100.0, qat_epochs=1, num_threads=1)
+    trained = trained_run(RunDir(run), ["qat"])
+    report = export_bundles(trained, quantize_data, modes=["qat"], budget=100.0, qat_epochs=1, num_threads=1)
     assert report["eval_images"] == 600 and report["bundles"]["qat"]["top1"] > 0.5  # ten classes: chance is 0.1
     # All of it by float32 and by qat, then the few images both are timed on.
     assert max(eval_x.reads) == 256 and sum(eval_x.reads) == 2 * 600 + LATENCY_RUNS // LATENCY_ROUNDS

