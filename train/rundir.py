@@ -166,6 +166,17 @@ class RunDir:
         """A checkpoint inside an epoch: every worker's BatchNorm moving statistics."""
         return checkpoint / MOVING_STATS_FILE
 
+    @staticmethod
+    def checkpoint_prefix(checkpoint: Path) -> Path:
+        """Where tf.train.Checkpoint writes and reads the state in a checkpoint folder (files ckpt.index, ...)."""
+        return checkpoint / "ckpt"
+
+    @staticmethod
+    def temp_folder(checkpoint: Path) -> Path:
+        """The hidden folder a checkpoint is written into before it is renamed to `checkpoint`: a crash never leaves
+        a half-written one under its name (the listings skip it)."""
+        return checkpoint.parent / f".{checkpoint.name}.tmp"
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints at the end of an epoch, oldest first. Temp dirs of an interrupted write are not
         listed."""
