@@ -168,9 +168,9 @@ def task_pid(rank: int, marker: str, timeout: float = 60) -> int:
     raise AssertionError(f"no task of rank {rank} running {marker}")
 
 
-def test_the_readme_shows_the_multi_node_script_as_it_is():
-    readme = (ROOT / "README.md").read_text()
-    assert f"```bash\n{EXAMPLE.read_text()}```" in readme
+def test_the_docs_show_the_multi_node_script_as_it_is():
+    clusters = (ROOT / "docs" / "clusters.md").read_text()
+    assert f"```bash\n{EXAMPLE.read_text()}```" in clusters
 
 
 @pytest.mark.slow
