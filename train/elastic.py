@@ -1,10 +1,11 @@
 """Elastic training (`pipeline train --min-workers N`): what the training loop needs to survive a lost worker
 and take in a returning one under `horovodrun --min-np/--max-np` (Horovod Elastic, Gloo).
 
-Imported only in a worker of an elastic job (it imports Horovod). The state every worker holds in memory --
-weights, optimizer, dropout streams, epoch, images done in the epoch, history, members -- is committed every
-`commit_every` batches; when a worker dies, the survivors roll back to the last commit, Horovod renumbers
-them, rank 0 broadcasts its state, and training goes on; a returning host is taken in at a commit.
+Imported only in a worker of an elastic job (it imports Horovod), by train/run.py's one training path: its
+position is a TrainingState here instead of a RunState, and these callbacks follow its own. The state every worker
+holds in memory -- weights, optimizer, dropout streams, epoch, images done in the epoch, history, members -- is
+committed every `commit_every` batches; when a worker dies, the survivors roll back to the last commit, Horovod
+renumbers them, rank 0 broadcasts its state, and training goes on; a returning host is taken in at a commit.
 """
 
 from __future__ import annotations

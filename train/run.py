@@ -1,5 +1,6 @@
-"""The training loop: one run directory (train/rundir.py), `model.fit`, atomic checkpoints at each epoch's end and
-inside epochs (on SIGTERM/SIGUSR1, and every checkpoint_minutes), exact resume from either."""
+"""The training loop: one run directory (train/rundir.py), `model.fit` on the batches of train/batches.py, atomic
+checkpoints at each epoch's end and inside epochs (on SIGTERM/SIGUSR1, and every checkpoint_minutes), exact resume
+from either. One path for a process alone, a fixed-size Horovod job and an elastic one (train/elastic.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,18 @@ class Position:
     folder: Path | None = None
 
 
+@dataclass
+class RunState:
+    """Where training is: `epoch` epochs done (-1 until rank 0 has decided where to start), `batch` batches and
+    `images` images of the next one trained, and the metrics rows so far. An elastic job holds the same in
+    train/elastic.py's TrainingState, which commits it with the weights and rolls both back."""
+
+    epoch: int = -1
+    batch: int = 0
+    images: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
 def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     """Train the model `config` describes into its run directory and return that directory.
 
@@ -82,191 +96,156 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
             lock.enter_context(run_lock(run, "training"))
             return _start_position(run, config, resume, exist_ok)
 
-        if distributed.elastic():
-            return _train_elastic(run, config, claim)
-        return _train(run, config, _on_chief(claim))
+        if distributed.elastic():  # no collective may run before Horovod Elastic's loop: rank 0 decides in it
+            return _train(run, config, claim)
+        start = _on_chief(claim)  # before the data loads: a refusal comes at once
+        return _train(run, config, lambda: start)
 
 
-def _train(run: Path, config: dict, start: Position) -> Path:
+def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
+    """Train on this worker, alone, in a fixed-size job or in an elastic one; `claim()`, called on rank 0 as
+    training begins, says where to start.
+
+    An elastic job (train/elastic.py) differs where it must. Its learning rate follows the number of workers, set
+    before each batch. Its training runs inside Horovod Elastic's loop, which commits the state every commit_every
+    batches, rolls back to the last commit when a worker is lost and takes in one that joins -- a worker that joins
+    later starts here too, so no collective runs before that loop. And it takes no stop signal, so writes no
+    checkpoint inside an epoch: its launcher passes none on, and a worker that stops is a worker lost.
+    """
+    elastic = None  # train/elastic.py in an elastic job; it imports Horovod Elastic
+    if distributed.elastic():
+        from train import elastic
     started = time.perf_counter()
-    chief = distributed.is_chief()
     data = load_dataset(config)
     seconds = {"data": time.perf_counter() - started}
-    if len(data.train_y) < distributed.size():  # every worker decides the same, before any collective
+    count, batch_size, num_classes = len(data.train_y), config["batch_size"], len(data.class_names)
+    if count < distributed.size():  # every worker decides the same, before any collective
         raise RunError(
-            f"{data.source}: {len(data.train_y)} training images for {distributed.size()} workers, who need one "
-            f"each at least: start at most {len(data.train_y)} workers (srun -n, --workers), or train on more data"
+            f"{data.source}: {count} training images for {distributed.size()} workers, who need one each at least: "
+            f"start at most {count} workers (srun -n, --workers), or train on more data"
         )
-    if start.folder:
-        _on_chief(lambda: _check_same_data(run, data))
     keras.utils.set_random_seed(config["seed"])
     tf.config.experimental.enable_op_determinism()
     # Dropout then draws from tf.random.Generator states, which the checkpoint can save.
     keras.backend.experimental.enable_tf_random_generator()
-
-    model = _build(config, len(data.class_names))
-    count, workers, batch_size = len(data.train_y), distributed.size(), config["batch_size"]
-    steps_per_epoch = math.ceil(_shard_size(count) / batch_size)
-    _compile(model, config, _schedule(config, steps_per_epoch), len(data.class_names))
+    model = _build(config, num_classes)
+    # A fixed number of workers: a schedule of the step. Elastic: elastic.ScaledLearningRate sets it before each batch.
+    rate = config["learning_rate"] if elastic else _schedule(config, math.ceil(_shard_size(count) / batch_size))
+    _compile(model, config, rate, num_classes)
     rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
-    history, inside = _open(run, config, start, checkpoint) if chief else ([], None)
-    inside = distributed.broadcast_object(inside)  # position.json of a checkpoint inside an epoch, or None
-    # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored.
-    distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
-    if chief:  # only now: a resume that fails must leave the run's config as it was
+    validation = eval_batches(data.val_x, data.val_y, num_classes, batch_size)
+    writers = []  # rank 0's RunWriter of each fit call, for their bookkeeping time
+
+    def begin() -> tuple[Position, list[dict], dict | None]:
+        """On rank 0: where to start, the history so far and the position.json of a checkpoint inside an epoch."""
+        start = claim()
+        if start.folder:
+            _check_same_data(run, data)
+        history, inside = _open(run, config, start, checkpoint)
+        # Only now: a resume that fails must leave the run's config as it was.
         _write_run_files(run, config, data, model)
-    writer = None
-    if start.epoch < config["epochs"]:
-        first_images = resume_point(count, inside["images"], workers) if inside else 0
+        return start, history, inside
 
-        def save_inside_epoch(epoch: int, batches: int, images: int) -> None:
-            # What differs between the workers: their running metric sums, which the epoch's metrics row averages,
-            # and BatchNorm's moving statistics, with which each one validates.
-            states = distributed.allgather_object((_metric_sums(model), [v.numpy() for v in _moving_stats(model)]))
-            if chief:
-                position = {"epoch": epoch + 1, "batches": batches, "images": images, "workers": workers}
-                sums, moving = zip(*states)
-                _write_inside_epoch(run, checkpoint, position | {"metric_sums": list(sums)}, list(moving))
-            distributed.barrier()  # no worker exits while rank 0 writes: srun and horovodrun would kill it
+    def save_inside_epoch(epoch: int, batches: int, images: int) -> None:
+        # What differs between the workers: their running metric sums, which the epoch's metrics row averages, and
+        # BatchNorm's moving statistics, with which each one validates.
+        states = distributed.allgather_object((_metric_sums(model), [v.numpy() for v in _moving_stats(model)]))
+        if distributed.is_chief():
+            position = {"epoch": epoch + 1, "batches": batches, "images": images, "workers": distributed.size()}
+            sums, moving = zip(*states)
+            _write_inside_epoch(run, checkpoint, position | {"metric_sums": list(sums)}, list(moving))
+        distributed.barrier()  # no worker exits while rank 0 writes: srun and horovodrun would kill it
 
-        agreement = Agreement(run, config, Position(start.epoch, start.batches), first_images, save_inside_epoch)
-        # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch writes
-        # no checkpoint, and a stop at the epoch's end is known before the epoch's checkpoint.
-        callbacks = [distributed.MetricAverage(), agreement]
-        if chief:
-            images_per_epoch = _shard_size(count) * workers
-            allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
-            writer = RunWriter(run, checkpoint, history, config["keep_checkpoints"], images_per_epoch, allreduce_bytes)
-            callbacks += [writer, EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)]
-        validation = eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size)
-        seconds["setup"] = time.perf_counter() - started - seconds["data"]
-        fit = dict(validation_data=validation, verbose=(1 if sys.stdout.isatty() else 2) if chief else 0)
-        epoch = start.epoch
-        with StopSignals() as agreement.signals, _curves_on_failure(run, lambda: history if chief else []):
-            if inside:  # the rest of the epoch the checkpoint stopped in, then the epochs after it
-                same_workers = inside["workers"] == workers
+    def fit(state) -> list[str]:
+        """Train from where `state` is to the last epoch; every worker's weights checksum. Horovod Elastic calls it
+        again after a rollback or a change of hosts, with the state of the last commit."""
+        inside = None  # the position.json of a checkpoint inside an epoch that the job starts from
+        if state.epoch < 0:  # the job's start; under elastic, a worker that joins later has rank 0's state, past it
+            start, state.history, inside = _on_chief(begin)
+            state.epoch, state.batch, state.images = start.epoch, start.batches, inside["images"] if inside else 0
+            # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored...
+            distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
+            if inside and inside["workers"] == distributed.size():  # ...and from its own BatchNorm statistics
+                for variable, value in zip(_moving_stats(model), inside["moving_stats"][distributed.rank()]):
+                    variable.assign(value)
+            if elastic:
+                state.commit()
+            seconds["setup"] = time.perf_counter() - started - seconds["data"]
+        if elastic:
+            elastic.note_membership(state, run)
+        del state.history[state.epoch :]  # under elastic, a row written after the last commit is written again
+        epoch, workers = state.epoch, distributed.size()
+        same_workers = inside is not None and inside["workers"] == workers
+        done = resume_point(count, state.images, workers)
+        agreement = Agreement(run, config, Position(epoch, state.batch), done, None if elastic else save_inside_epoch)
+
+        def callbacks(images: int, steps: int) -> list:
+            """The callbacks of a fit call whose epochs train `images` images in `steps` steps."""
+            # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch
+            # writes no checkpoint, and a stop at the epoch's end is known before the epoch's checkpoint.
+            callbacks = [distributed.MetricAverage(), agreement]
+            if distributed.is_chief():
+                allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
+                writers.append(
+                    RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes)
+                )
+                tensorboard = EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)
+                callbacks += [writers[-1], tensorboard, EpochProgress(config["epochs"])]
+            if elastic:  # after RunWriter: an epoch's end commits once its row and checkpoint are written
+                callbacks += [
+                    elastic.ScaledLearningRate(state, config, count),
+                    elastic.Progress(state, batch_size, count),  # before the commit, which saves what it counted
+                    elastic.CommitState(state, config["commit_every"], steps),
+                ]
+            return callbacks
+
+        verbose = (1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0
+        with contextlib.nullcontext() if elastic else StopSignals() as agreement.signals:
+            if state.batch:  # the rest of the epoch it starts inside (a checkpoint there, an elastic rollback)
+                rest = (count - done) // workers * workers
+                steps = math.ceil(rest // workers / batch_size)
                 sums = inside["metric_sums"][distributed.rank()] if same_workers else None
-                if same_workers:
-                    for variable, value in zip(_moving_stats(model), inside["moving_stats"][distributed.rank()]):
-                        variable.assign(value)
-                first_step = start.batches if same_workers else 0
-                rest = (count - first_images) // workers * workers
-                if writer:  # its images/s: of the part trained now
-                    writer.images_per_epoch = rest
-                progress = [EpochProgress(config["epochs"])] if chief else []  # "Epoch 2/3", not 2/2
                 model.fit(
-                    epoch_batches(data, config, epoch, first_images, first_step),
+                    epoch_batches(data, config, epoch, done, state.batch if same_workers else 0),
                     initial_epoch=epoch,
                     epochs=epoch + 1,
-                    steps_per_epoch=math.ceil(rest // workers / batch_size),
-                    callbacks=[AddMetricSums(sums), *callbacks, *progress],
-                    **fit,
+                    steps_per_epoch=steps,
+                    validation_data=validation,
+                    callbacks=[AddMetricSums(sums), *callbacks(rest, steps)],
+                    verbose=verbose,
                 )
-                if writer:
-                    writer.images_per_epoch = _shard_size(count) * workers
                 epoch += 1
             if epoch < config["epochs"] and not agreement.stopped:
+                steps = math.ceil(_shard_size(count) / batch_size)
                 model.fit(
                     train_batches(data, config, epoch),
-                    epochs=config["epochs"],
                     initial_epoch=epoch,
-                    steps_per_epoch=steps_per_epoch,
-                    callbacks=callbacks,
-                    **fit,
+                    epochs=config["epochs"],
+                    steps_per_epoch=steps,
+                    validation_data=validation,
+                    callbacks=callbacks(_shard_size(count) * workers, steps),
+                    verbose=verbose,
                 )
             if agreement.stopped:  # at an epoch's end
                 distributed.barrier()  # rank 0 wrote the epoch's checkpoint before it came here
                 raise agreement.stop_error()
-    seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
+        return distributed.all_checksums(model)
+
+    state, train_from = RunState(), fit
+    if elastic:
+        state = elastic.TrainingState(model, rngs, epoch=-1, batch=0, images=0, history=[], members=[])
+        train_from = elastic.hvd_elastic.run(fit)
+    with _curves_on_failure(run, lambda: state.history if distributed.is_chief() else []):
+        checksums = train_from(state)
     seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
-    seconds["bookkeeping"] = writer.bookkeeping_seconds if writer else 0.0
-    checksums = distributed.all_checksums(model)
-    if not chief:
+    seconds["bookkeeping"] = sum(writer.bookkeeping_seconds for writer in writers)
+    if not distributed.is_chief():
         return run
     if len(set(checksums)) > 1:
         raise RunError(
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
         )
-    return _finish(run, config, data, history, model, seconds, checksums)
-
-
-def _train_elastic(run: Path, config: dict, claim) -> Path:
-    """`_train` under Horovod Elastic (train/elastic.py): epoch by epoch, in a loop that rolls back to the last
-    commit when a worker is lost and takes in one that joins. No collective runs before the loop: a worker that
-    joins later starts here too, and gets the others' state when the loop syncs it."""
-    from train import elastic
-
-    started = time.perf_counter()
-    data = load_dataset(config)
-    seconds = {"data": time.perf_counter() - started}
-    count, batch_size = len(data.train_y), config["batch_size"]
-    keras.utils.set_random_seed(config["seed"])
-    tf.config.experimental.enable_op_determinism()
-    keras.backend.experimental.enable_tf_random_generator()
-    model = _build(config, len(data.class_names))
-    _compile(model, config, config["learning_rate"], len(data.class_names))  # set before each batch
-    rngs = dropout_generators(model)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
-    state = elastic.TrainingState(model, rngs, epoch=-1, batch=0, images=0, history=[], members=[])
-    writers = []  # rank 0's RunWriter of each epoch, for their bookkeeping time
-
-    def begin() -> tuple[int, list[dict], int, int]:
-        start = claim()
-        if start.folder:
-            _check_same_data(run, data)
-        history, inside = _open(run, config, start, checkpoint)
-        _write_run_files(run, config, data, model)
-        # Inside an epoch (a checkpoint a fixed-size job wrote when stopped): its images count as done.
-        return start.epoch, history, start.batches, inside["images"] if inside else 0
-
-    @elastic.hvd_elastic.run
-    def fit(state) -> list[str]:
-        if state.epoch < 0:  # the job's start; a worker that joins later has rank 0's state, past it
-            state.epoch, state.history, state.batch, state.images = _on_chief(begin)
-            distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
-            state.commit()
-        elastic.note_membership(state, run)
-        while state.epoch < config["epochs"]:
-            epoch, workers = state.epoch, distributed.size()
-            done = resume_point(count, state.images, workers)
-            del state.history[epoch:]  # a row written after the last commit, if any, is written again
-            callbacks = [distributed.MetricAverage(), Agreement(run, config, Position(epoch, state.batch))]
-            if distributed.is_chief():
-                images = (count - done) // workers * workers
-                allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
-                writers.append(
-                    RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes)
-                )
-                callbacks += [
-                    EpochProgress(config["epochs"]),
-                    writers[-1],
-                    EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False),
-                ]
-            steps = math.ceil((count - done) // workers / batch_size)
-            callbacks += [
-                elastic.ScaledLearningRate(state, config, count),
-                elastic.Progress(state, batch_size, count),  # before the commit, which saves what it counted
-                elastic.CommitState(state, config["commit_every"], steps),
-            ]
-            model.fit(
-                epoch_batches(data, config, epoch, done),
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                steps_per_epoch=steps,
-                validation_data=eval_batches(data.val_x, data.val_y, len(data.class_names), batch_size),
-                callbacks=callbacks,
-                verbose=(1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0,
-            )
-        return distributed.all_checksums(model)
-
-    seconds["setup"] = time.perf_counter() - started - seconds["data"]
-    with _curves_on_failure(run, lambda: state.history if distributed.is_chief() else []):
-        checksums = fit(state)
-    seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
-    seconds["bookkeeping"] = sum(writer.bookkeeping_seconds for writer in writers)
-    if not distributed.is_chief():
-        return run
     return _finish(run, config, data, state.history, model, seconds, checksums)
 
 
