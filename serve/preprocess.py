@@ -123,24 +123,45 @@ def _png_damage(data: bytes) -> str | None:
     return "truncated PNG file"
 
 
-# (signature, plugin module, format): opened with their own plugin, as Image.open would open them. Without a file name
-# to go by, Image.open first imports all five of Pillow's common plugins, ~10 ms of `pipeline label`'s start-up.
-_OWN_PLUGINS = ((b"\x89PNG\r\n\x1a\n", "PIL.PngImagePlugin", "PNG"), (b"\xff\xd8\xff", "PIL.JpegImagePlugin", "JPEG"))
+# Pillow's plugin for the formats of IMAGE_EXTENSIONS, chosen from a file's first bytes: (first bytes, plugin module,
+# format). BMP is left to Image.open: its signature, "BM", starts text files too. Image.open given bytes (serve reads
+# files itself, see serve/files.py), with no file name to go by, imports Pillow's five common plugins before it looks,
+# and all forty of them for a TIFF or a WebP. Choosing the plugin here reaches into Pillow's registry of openers
+# (Image.OPEN, not a documented API; the one place serve does). Measured gain: a cold `pipeline label` of a PNG or a
+# JPEG skips the four other common plugins (~10 ms); of a TIFF, all forty: through Image.open it took 1.2x as long
+# (EfficientNet-Lite0 int8, benchmarks/label_bench.py's 512x600 photo, 15 interleaved pairs, 2 busy cores).
+_OWN_PLUGINS = (
+    (b"\x89PNG\r\n\x1a\n", "PIL.PngImagePlugin", "PNG"),
+    (b"\xff\xd8\xff", "PIL.JpegImagePlugin", "JPEG"),
+    ((b"II", b"MM"), "PIL.TiffImagePlugin", "TIFF"),
+    (b"GIF8", "PIL.GifImagePlugin", "GIF"),
+    (b"RIFF", "PIL.WebPImagePlugin", "WEBP"),
+)
+
+
+def _own_plugin(data: bytes) -> Callable | None:
+    """The opener of the plugin for `data`'s format, when _OWN_PLUGINS names it and the plugin's own check of the
+    first bytes (Image.open's) takes it; else None."""
+    for first_bytes, plugin, format_name in _OWN_PLUGINS:
+        if data.startswith(first_bytes):
+            __import__(plugin)  # registers the plugin's opener
+            opener, accept = Image.OPEN[format_name]
+            return opener if accept is None or accept(data[:16]) is True else None
+    return None
 
 
 def _open_image(data: bytes, name: str) -> Image.Image:
     """`Image.open` of `data` (headers only), refusing more pixels than Pillow's limit."""
-    for signature, plugin, format_name in _OWN_PLUGINS:
-        if data.startswith(signature):
-            __import__(plugin)  # registers the plugin's opener
-            image = Image.OPEN[format_name][0](io.BytesIO(data), "")
-            pixels = max(image.width, 1) * max(image.height, 1)
-            if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
-                raise ImageError(
-                    f"{name}: image too large to decode safely ({pixels} pixels, Pillow's limit is "
-                    f"{Image.MAX_IMAGE_PIXELS})"
-                )
-            return image
+    opener = _own_plugin(data)
+    if opener is not None:
+        image = opener(io.BytesIO(data), "")
+        pixels = max(image.width, 1) * max(image.height, 1)
+        if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+            raise ImageError(
+                f"{name}: image too large to decode safely ({pixels} pixels, Pillow's limit is "
+                f"{Image.MAX_IMAGE_PIXELS})"
+            )
+        return image
     with _OPEN_LOCK, warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit (when it opens the file); refuse those too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
