@@ -183,7 +183,9 @@ def trained_run(run: RunDir, modes: Sequence[str]) -> Trained:
 def write_fashion_mnist_samples(
     *, count: int = 5, out: str | Path = "samples", data_path: str | None = None
 ) -> list[Path]:
-    """The first `count` Fashion-MNIST test images as PNG files named after their class: 0000_ankle_boot.png."""
+    """The first `count` Fashion-MNIST test images as RGB PNG files named after their class: 0000_ankle_boot.png.
+    RGB, though the images are grey: MediaPipe and the Task Library refuse grey input ("Grayscale format does not
+    convert")."""
     from PIL import Image
 
     from serve.files import atomic_path
@@ -195,7 +197,7 @@ def write_fashion_mnist_samples(
         slug = FASHION_MNIST_CLASSES[labels[i]].lower().replace("/", "_").replace(" ", "_").replace("-", "_")
         path = Path(out) / f"{i:04d}_{slug}.png"
         with atomic_path(path) as tmp:
-            Image.fromarray(images[i]).save(tmp, format="PNG")
+            Image.fromarray(images[i]).convert("RGB").save(tmp, format="PNG")
         written.append(path)
     return written
 

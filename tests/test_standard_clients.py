@@ -122,7 +122,7 @@ def test_bundles_take_one_rgb_image_and_serve_still_runs_batches(bundles, fmnist
         model = bundle.read_bytes()
         assert input_shape_signatures(model) == [[1, 28, 28, 3]], mode  # no -1: LiteRT.js takes it
         classifier = Classifier(bundle)
-        assert classifier.channels == 3 and classifier.metadata["input"]["channels"] == 3
+        assert classifier.channels == 3 and classifier.metadata.input.channels == 3
         pixels = np.stack([classifier.preprocess(image) for image in images])
         one_by_one = np.concatenate([classifier.predict(p[None]) for p in pixels])
         np.testing.assert_array_equal(classifier.predict(pixels), one_by_one)
@@ -230,6 +230,21 @@ def test_task_library_answers_as_pipeline_label(family_answers, task_library):
     got = client(task_library, "task_library_classify.py", "classify", TOP_K, *pairs)
     for (mode, bundle, want), rows in zip(expected, got, strict=True):
         assert_same_ranking(want, rows, score_tolerance(bundle), f"Task Library {mode}")
+
+
+def test_standard_clients_take_pipeline_samples_as_written(bundles, fmnist_images, clients, task_library):
+    """`pipeline samples` writes what MediaPipe and the Task Library take as they are (RGB PNGs: both refuse grey
+    ones, "Grayscale format does not convert"), and they answer as `pipeline label` does on them."""
+    assert {Image.open(path).mode for path in fmnist_images} == {"RGB"}
+    images = fmnist_images[:3]
+    want = pipeline_label(bundles["int8"], images)
+    pairs = [item for image in images for item in (bundles["int8"], image)]
+    for who, got in [
+        ("MediaPipe", client(MEDIAPIPE_PYTHON, "mediapipe_classify.py", TOP_K, *pairs)),
+        ("Task Library", client(task_library, "task_library_classify.py", "classify", TOP_K, *pairs)),
+    ]:
+        for expected, rows in zip(want, got, strict=True):
+            assert_same_ranking(expected, rows, score_tolerance(bundles["int8"]), f"{who} on a sample as written")
 
 
 def test_label_image_gives_pipeline_labels_top5(bundle_family, tmp_path):
