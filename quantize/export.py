@@ -23,11 +23,18 @@ from quantize.client_input import CLIENT_CHANNELS, as_rgb, for_clients
 from quantize.convert import Images, quantization_aware, to_tflite
 from quantize.metadata import embed_metadata
 from quantize.tflite_internals import check_version
+from serve.bundle_metadata import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    BundleMetadata,
+    InputSpec,
+    Normalization,
+    Quantization,
+)
 from serve.classifier import Classifier
 from serve.errors import PipelineError
 from serve.files import write_atomic
 
-BUNDLE_FORMAT_VERSION = 1
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
 LATENCY_RUNS = 100  # single-image timings per bundle, spread over LATENCY_ROUNDS alternating rounds
 LATENCY_ROUNDS = 10
@@ -90,14 +97,14 @@ def export_bundles(
     write_atomic(trained.labels_file, "\n".join(data.class_names) + "\n")
 
     results: dict[str, dict] = {}
-    made: dict[str, tuple[bytes, dict, Classifier]] = {}  # mode: (flatbuffer, metadata, its classifier)
+    made: dict[str, tuple[bytes, BundleMetadata, Classifier]] = {}  # mode: (flatbuffer, metadata, its classifier)
     reference = None  # float32's scores, converted first: every bundle is compared with them
     for mode in ["float32"] + [m for m in dict.fromkeys(modes) if m != "float32"]:
         print(f"{mode}: converting", flush=True)
         started = time.time()
         flat = convert(model, mode, data, config, qat_epochs)
         convert_seconds = round(time.time() - started, 1)
-        metadata = {**base, "quantization": mode}
+        metadata = base._replace(quantization=mode)
         classifier = Classifier(embed_metadata(flat, metadata), num_threads=num_threads)
         metrics, scores = evaluate(classifier, data, reference)
         reference = scores if reference is None else reference
@@ -123,32 +130,34 @@ def export_bundles(
     return report
 
 
-def _base_metadata(name: str, config: dict, summary: dict, data: QuantizeData) -> dict:
+def _base_metadata(name: str, config: dict, summary: dict, data: QuantizeData) -> BundleMetadata:
+    """What every bundle of the run says about itself, before its mode and what its conversion made are known."""
     size, trained_channels = int(config["input_size"]), int(config["channels"])
-    return {
-        "format": "edge-pipeline bundle",
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "name": name,
-        "labels": data.class_names,
-        "input": {
-            "height": size,
-            "width": size,
-            "channels": CLIENT_CHANNELS,
-            "layout": "NHWC",
-            "color": "rgb",
-            "pixel_range": [0, 255],
-            "batch": 1,
-            "note": "batch 1 in the model's signature; serve resizes the input to run batches"
+    return BundleMetadata(
+        format=BUNDLE_FORMAT,
+        format_version=BUNDLE_FORMAT_VERSION,
+        name=name,
+        labels=data.class_names,
+        input=InputSpec(
+            height=size,
+            width=size,
+            channels=CLIENT_CHANNELS,
+            layout="NHWC",
+            color="rgb",
+            pixel_range=[0, 255],
+            batch=1,
+            note="batch 1 in the model's signature; serve resizes the input to run batches"
             + (GREY_NOTE if trained_channels == 1 else ""),
-        },
-        "normalization": {
-            **summary["normalization"],
-            "inside_model": True,
-            "note": "feed raw 0..255 pixels; the model computes (x - mean) / std",
-        },
-        "preprocessing": "serve.preprocess.to_pixels: first frame, EXIF upright, transparency on white, "
+        ),
+        normalization=Normalization(
+            mean=summary["normalization"]["mean"],
+            std=summary["normalization"]["std"],
+            inside_model=True,
+            note="feed raw 0..255 pixels; the model computes (x - mean) / std",
+        ),
+        preprocessing="serve.preprocess.to_pixels: first frame, EXIF upright, transparency on white, "
         "RGB, whole image resized bilinear to the input size, uint8",
-        "provenance": {
+        provenance={
             "run": name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": public_config(config),
@@ -160,7 +169,7 @@ def _base_metadata(name: str, config: dict, summary: dict, data: QuantizeData) -
                 "converter": tf.__version__,
             },
         },
-    }
+    )
 
 
 def public_config(config: dict) -> dict:
@@ -265,16 +274,17 @@ def gate(metrics: dict, mode: str, float32: dict, data: QuantizeData, budget: fl
     metrics["accepted"] = not gated or drop <= budget
 
 
-def write_bundle(path: Path, mode: str, flat: bytes, metadata: dict, classifier: Classifier, results: dict) -> None:
+def write_bundle(
+    path: Path, mode: str, flat: bytes, metadata: BundleMetadata, classifier: Classifier, results: dict
+) -> None:
     """Write the accepted bundle: the evaluated model with its input/output spec and its metrics (and
     float32's) added to the metadata, signed again."""
-    metadata = {
-        **metadata,
-        "input_dtype": classifier.input_dtype.name,
-        "input_quantization": dict(zip(("scale", "zero_point"), classifier.input_quantization)),
-        "output_quantization": dict(zip(("scale", "zero_point"), classifier.output_quantization)),
-        "metrics": {"float32": _public(results["float32"]), mode: _public(results[mode])},
-    }
+    metadata = metadata._replace(
+        input_dtype=classifier.input_dtype.name,
+        input_quantization=Quantization(*classifier.input_quantization),
+        output_quantization=Quantization(*classifier.output_quantization),
+        metrics={"float32": _public(results["float32"]), mode: _public(results[mode])},
+    )
     write_atomic(path, embed_metadata(flat, metadata))
 
 

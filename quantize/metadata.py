@@ -1,15 +1,15 @@
 """Writing a bundle's metadata into the .tflite flatbuffer, signed (serve/bundle.py reads and checks it).
 
-Two descriptions go in. Ours, a JSON document under BUNDLE_METADATA_NAME, is what serve, the Android core and
-the browser page read. The standard one, TFLite Metadata (tflite-support's metadata_schema.fbs) under
-STANDARD_METADATA_NAME with labels.txt zipped onto the end of the file, is what MediaPipe Tasks, the TFLite
-Task Library and Android Studio's ML Model Binding read. The checksum is written last, over all of it.
+Two descriptions go in. Ours, serve's BundleMetadata as JSON under BUNDLE_METADATA_NAME, is what serve, the
+Android core and the browser page read. The standard one, TFLite Metadata (tflite-support's metadata_schema.fbs,
+through the vendored flatc output in quantize/vendored/) under STANDARD_METADATA_NAME with labels.txt zipped onto
+the end of the file, is what MediaPipe Tasks, the TFLite Task Library and Android Studio's ML Model Binding read.
+The checksum is written last, over all of it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import flatbuffers
@@ -17,6 +17,7 @@ import flatbuffers
 from quantize.tflite_internals import replace_metadata
 from quantize.vendored import metadata_schema_py_generated as schema
 from serve.bundle import BUNDLE_METADATA_NAME, CHECKSUM_METADATA_NAME, CHECKSUM_PLACEHOLDER, bundle_digest
+from serve.bundle_metadata import BundleMetadata
 from serve.tflite_flatbuffer import read_model_metadata
 
 STANDARD_METADATA_NAME = "TFLITE_METADATA"
@@ -29,17 +30,17 @@ MIN_PARSER_VERSION = "1.0.0"
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
 
 
-def embed_metadata(model: bytes, metadata: dict) -> bytes:
+def embed_metadata(model: bytes, metadata: BundleMetadata) -> bytes:
     """`model` with `metadata` stored as JSON under BUNDLE_METADATA_NAME, the standard TFLite metadata made from
     it under STANDARD_METADATA_NAME, its labels as labels.txt zipped onto the end, and the checksum of all of
     that under CHECKSUM_METADATA_NAME (older copies of each are replaced)."""
     entries = {
-        BUNDLE_METADATA_NAME: json.dumps(metadata, sort_keys=True).encode("utf-8"),
+        BUNDLE_METADATA_NAME: metadata.to_bytes(),
         STANDARD_METADATA_NAME: standard_metadata(metadata),
         # A placeholder; once the file is laid out, sign_bundle writes the checksum in place.
         CHECKSUM_METADATA_NAME: CHECKSUM_PLACEHOLDER,
     }
-    labels = ("\n".join(metadata["labels"]) + "\n").encode("utf-8")
+    labels = ("\n".join(metadata.labels) + "\n").encode("utf-8")
     return sign_bundle(append_files(replace_metadata(model, entries), {LABELS_FILE: labels}))
 
 
@@ -70,7 +71,7 @@ def append_files(model: bytes, files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def standard_metadata(metadata: dict) -> bytes:
+def standard_metadata(metadata: BundleMetadata) -> bytes:
     """The TFLite Metadata flatbuffer that describes a bundle with our `metadata`: an RGB image input of raw
     0..255 pixels (mean 0, std 1: the model normalises inside) and one output of class scores labelled by
     labels.txt."""
@@ -80,11 +81,10 @@ def standard_metadata(metadata: dict) -> bytes:
     unit.optionsType, unit.options = schema.ProcessUnitOptions.NormalizationOptions, normalization
     image_properties = schema.ImagePropertiesT()
     image_properties.colorSpace = schema.ColorSpaceType.RGB
-    size = metadata["input"]
+    size = metadata.input
     image = _tensor(
         "image",
-        f"One RGB image of {size['width']}x{size['height']} pixels, raw 0..255 values: normalisation is inside "
-        "the model.",
+        f"One RGB image of {size.width}x{size.height} pixels, raw 0..255 values: normalisation is inside the model.",
         schema.ContentProperties.ImageProperties,
         image_properties,
         low=0.0,
@@ -97,7 +97,7 @@ def standard_metadata(metadata: dict) -> bytes:
     labels.type = schema.AssociatedFileType.TENSOR_AXIS_LABELS
     scores = _tensor(
         "probability",
-        f"The probability of each of the {len(metadata['labels'])} classes.",
+        f"The probability of each of the {len(metadata.labels)} classes.",
         schema.ContentProperties.FeatureProperties,
         schema.FeaturePropertiesT(),
         low=0.0,
@@ -107,9 +107,9 @@ def standard_metadata(metadata: dict) -> bytes:
     subgraph = schema.SubGraphMetadataT()
     subgraph.inputTensorMetadata, subgraph.outputTensorMetadata = [image], [scores]
     model = schema.ModelMetadataT()
-    model.name = metadata.get("name", "classifier")
+    model.name = "classifier" if metadata.name is None else metadata.name
     model.description = "Image classifier exported by edge-pipeline: the top classes of one RGB image."
-    model.version = str(metadata.get("quantization", ""))
+    model.version = metadata.quantization or ""
     model.author = "edge-pipeline"
     model.subgraphMetadata = [subgraph]
     model.minParserVersion = MIN_PARSER_VERSION

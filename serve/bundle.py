@@ -1,9 +1,9 @@
 """Reading a bundle: one .tflite file whose metadata carries labels, input spec and provenance, and a checksum.
 
-The quantize stage stores a JSON document under the metadata name `BUNDLE_METADATA_NAME` in the
-model's flatbuffer (the `Model.metadata` list of the TFLite schema), and a second entry,
-`CHECKSUM_METADATA_NAME`, whose 64 bytes are the hex sha256 of the whole file with those 64 bytes
-read as ASCII '0's. Reading needs no TensorFlow: serve/tflite_flatbuffer.py finds the entries and checks
+The quantize stage stores a JSON document (serve/bundle_metadata.py's BundleMetadata) under the metadata name
+`BUNDLE_METADATA_NAME` in the model's flatbuffer (the `Model.metadata` list of the TFLite schema), and a second
+entry, `CHECKSUM_METADATA_NAME`, whose 64 bytes are the hex sha256 of the whole file with those 64 bytes read as
+ASCII '0's. Reading needs no TensorFlow: serve/tflite_flatbuffer.py finds the entries (once per load) and checks
 every offset against the file's length. The standard TFLite Metadata for other clients (a `TFLITE_METADATA`
 entry, and labels.txt in a zip after the flatbuffer: quantize/metadata.py) is not read here, but the checksum
 covers it, zip included.
@@ -16,10 +16,10 @@ tensor's shape, type and quantisation, every index), which runs whether the chec
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import struct
 
+from serve.bundle_metadata import BundleMetadata
 from serve.errors import BundleError
 from serve.files import MiB, read_regular_file
 from serve.tflite_flatbuffer import TFLITE_IDENTIFIER, check_structure, read_model_metadata
@@ -30,7 +30,6 @@ CHECKSUM_PLACEHOLDER = b"0" * 64
 MAX_MODEL_BYTES = 1024 * MiB
 MAX_LABELS_BYTES = 16 * MiB
 SMALL_BUNDLE_BYTES = 512 * 1024  # hashed without OpenSSL: _sha256
-MAX_INPUT_SIDE = 65535  # height, width or channels a bundle's metadata may state
 # The elements one tensor of a model may hold, declared in its flatbuffer: TENSOR_ELEMENTS_FLOOR for any file (the
 # model's input, up to a 1024x1024 RGBA image, whatever the weights weigh) plus TENSOR_ELEMENTS_PER_BYTE for each
 # byte of the file, at most MAX_TENSOR_ELEMENTS (1 GiB of float32). The input's own shape cannot be the yardstick:
@@ -76,10 +75,9 @@ def bundle_digest(model: bytes, start: int) -> str:
     return digest.hexdigest()
 
 
-def verify_bundle(path: str | os.PathLike, model: bytes) -> None:
-    """Raise BundleError unless the bundle's checksum matches its bytes. A plain .tflite, without our
-    metadata, has nothing to check."""
-    entries = _entries(path, model)
+def _verify_checksum(path: str | os.PathLike, model: bytes, entries: dict[str, tuple[int, int]]) -> None:
+    """Raise BundleError unless the bundle's checksum matches its bytes (`entries`: where its metadata entries lie).
+    A plain .tflite, without our metadata, has nothing to check."""
     if CHECKSUM_METADATA_NAME not in entries:
         if BUNDLE_METADATA_NAME in entries:
             raise BundleError(
@@ -92,22 +90,41 @@ def verify_bundle(path: str | os.PathLike, model: bytes) -> None:
         raise BundleError(f"{path}: corrupt bundle: checksum does not match")
 
 
-def read_model_file(path: str | os.PathLike, *, verify_checksum: bool = True) -> bytes:
-    """The bytes of a .tflite file, or a BundleError naming the file. A bundle's checksum is checked
-    unless `verify_checksum` is False (for a bundle that another tool changed on purpose)."""
+def read_bundle(path: str | os.PathLike, *, verify_checksum: bool = True) -> tuple[bytes, BundleMetadata | None]:
+    """The bytes of a .tflite file and its bundle metadata (None for a plain .tflite), or a BundleError naming the
+    file: `load_bundle` on the file's bytes."""
     path = os.fspath(path)
     model = read_regular_file(path, MAX_MODEL_BYTES, "a .tflite model", BundleError)
-    check_model(path, model, verify_checksum=verify_checksum)
-    return model
+    return model, load_bundle(path, model, verify_checksum=verify_checksum)
+
+
+def read_model_file(path: str | os.PathLike, *, verify_checksum: bool = True) -> bytes:
+    """The bytes of a .tflite file, checked as `read_bundle` checks them."""
+    return read_bundle(path, verify_checksum=verify_checksum)[0]
+
+
+def load_bundle(name: str, model: bytes, *, verify_checksum: bool = True) -> BundleMetadata | None:
+    """`check_model`, then the bundle metadata of `model` (None for a plain .tflite). The flatbuffer's metadata
+    entries are found once for both."""
+    entries = _check(name, model, verify_checksum)
+    return _metadata(name, model, _entries(name, model) if entries is None else entries)
 
 
 def check_model(name: str, model: bytes, *, verify_checksum: bool = True) -> None:
     """BundleError naming `name` unless `model` is a TFLite flatbuffer, safe to hand to LiteRT (its structure
-    checked, always), and, if it is a bundle and `verify_checksum` is True, its checksum matches."""
+    checked, always), and, if it is a bundle and `verify_checksum` is True, its checksum matches. Its metadata is
+    not read unless the checksum is checked (android_demo's ModelStructure.java checks the same, no more)."""
+    _check(name, model, verify_checksum)
+
+
+def _check(name: str, model: bytes, verify_checksum: bool) -> dict[str, tuple[int, int]] | None:
+    """`check_model`'s checks; the metadata entries where the checksum's check found them."""
     if len(model) < 8 or model[4:8] != TFLITE_IDENTIFIER:
         raise BundleError(f"{name}: not a TFLite model (no TFL3 identifier)")
+    entries = None
     if verify_checksum:
-        verify_bundle(name, model)
+        entries = _entries(name, model)
+        _verify_checksum(name, model, entries)
     limit = min(MAX_TENSOR_ELEMENTS, TENSOR_ELEMENTS_FLOOR + TENSOR_ELEMENTS_PER_BYTE * len(model))
     try:
         check_structure(model, limit)
@@ -115,36 +132,21 @@ def check_model(name: str, model: bytes, *, verify_checksum: bool = True) -> Non
         raise BundleError(f"{name}: corrupt TFLite flatbuffer ({err})") from None
     except ValueError as err:
         raise BundleError(f"{name}: {err}") from None
+    return entries
 
 
-def read_bundle_metadata(path: str | os.PathLike, model: bytes) -> dict | None:
-    """The pipeline's JSON metadata inside the model, or None for a plain .tflite file.
+def read_bundle_metadata(path: str | os.PathLike, model: bytes) -> BundleMetadata | None:
+    """The bundle metadata inside `model` (bytes already checked), or None for a plain .tflite file; BundleError
+    unless it holds labels and an input size (BundleMetadata.from_bytes)."""
+    return _metadata(path, model, _entries(path, model))
 
-    BundleError unless it is a JSON object with a list of label strings and an input size.
-    """
-    where = _entries(path, model).get(BUNDLE_METADATA_NAME)
+
+def _metadata(path: str | os.PathLike, model: bytes, entries: dict[str, tuple[int, int]]) -> BundleMetadata | None:
+    where = entries.get(BUNDLE_METADATA_NAME)
     if where is None:
         return None
     start, length = where
-    try:
-        metadata = json.loads(model[start : start + length].decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, an integer too long, nesting too deep
-        raise BundleError(f"{path}: unreadable bundle metadata ({err})") from None
-    if not isinstance(metadata, dict):
-        raise BundleError(f"{path}: bundle metadata is not a JSON object")
-    labels = metadata.get("labels")
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise BundleError(f"{path}: bundle metadata has no 'labels' list of strings")
-    size = metadata.get("input")
-    if not isinstance(size, dict) or not all(_is_side(size.get(key)) for key in ("height", "width", "channels")):
-        raise BundleError(
-            f"{path}: bundle metadata has no 'input' height, width and channels (whole numbers, 1 to {MAX_INPUT_SIDE})"
-        )
-    return metadata
-
-
-def _is_side(value: object) -> bool:
-    return type(value) is int and 1 <= value <= MAX_INPUT_SIDE
+    return BundleMetadata.from_bytes(model[start : start + length], str(path))
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:

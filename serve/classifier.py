@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from serve.bundle import MAX_NUM_THREADS, check_model, read_bundle_metadata, read_labels, read_model_file
+from serve.bundle import MAX_NUM_THREADS, load_bundle, read_bundle, read_labels
 from serve.errors import BundleError, ImageError
 from serve.preprocess import ImageSource, pixels_in_chunks, to_pixels
 from serve.quiet import LITERT_INFO_LINE, stderr_without
@@ -36,7 +36,8 @@ class Classifier:
     """Classify images with a bundle (or any single-input image-classification .tflite).
 
     `model` is the file's path or its bytes (then "<bytes>" names it in errors). Everything needed comes
-    from the bundle: input size and channels, quantisation and labels.
+    from the bundle: input size and channels, quantisation and labels (`metadata`, the bundle's BundleMetadata;
+    None for a plain .tflite).
     `label_file` overrides the labels; `input_mean`/`input_std` apply to float inputs as in
     label_image. A bundle whose checksum does not match its bytes is refused unless `verify_checksum`
     is False. Safe to share between threads: the interpreter is used under a lock.
@@ -62,11 +63,10 @@ class Classifier:
         if in_memory:
             self.model_path = "<bytes>"
             model = bytes(model)
-            check_model(self.model_path, model, verify_checksum=verify_checksum)
+            self.metadata = load_bundle(self.model_path, model, verify_checksum=verify_checksum)
         else:
             self.model_path = os.fspath(model)
-            model = read_model_file(self.model_path, verify_checksum=verify_checksum)
-        self.metadata = read_bundle_metadata(self.model_path, model)
+            model, self.metadata = read_bundle(self.model_path, verify_checksum=verify_checksum)
         try:
             with stderr_without(LITERT_INFO_LINE.__eq__):
                 self._interpreter = Interpreter(model_content=model, num_threads=num_threads)
@@ -119,8 +119,8 @@ class Classifier:
             raise BundleError(f"{self.model_path}: its output is {output_dtype}, not scores")
         self.num_classes = shape[-1]
         if self.metadata is not None:
-            size = self.metadata["input"]
-            stated = (size["height"], size["width"], size["channels"])
+            size = self.metadata.input
+            stated = (size.height, size.width, size.channels)
             if stated != (self.height, self.width, self.channels):
                 raise BundleError(
                     f"{self.model_path}: bundle metadata says {'x'.join(map(str, stated))} input but the model "
@@ -134,7 +134,7 @@ class Classifier:
         if label_file is not None:
             source, labels = os.fspath(label_file), read_labels(label_file)
         elif self.metadata is not None:
-            source, labels = self.model_path, list(self.metadata["labels"])
+            source, labels = self.model_path, list(self.metadata.labels)
         elif beside_model and os.path.isfile(beside):
             source, labels = beside, read_labels(beside)
         else:

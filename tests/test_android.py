@@ -19,7 +19,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from serve import BundleError, Classifier, to_pixels
-from serve.bundle import check_model
+from serve.bundle import check_model, read_bundle
 from serve.preprocess import decode
 from tests.conftest import ODDITIES, ROOT
 from tests.test_bundle_fuzz import structure_mutants
@@ -130,21 +130,29 @@ def test_offline_build_packages_the_int8_bundle_and_passes_its_checks(bundles, t
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "float16", "float32"])
 def test_metadata_matches_serve(core, bundles, mode):
-    classifier = Classifier(bundles[mode])
+    """BundleInfo.java reads what serve's BundleMetadata holds for a bundle `pipeline quantize` wrote, and that
+    is what LiteRT reports of the model."""
+    _, metadata = read_bundle(bundles[mode])
     lines = java(core, "info", bundles[mode]).splitlines()
     info = dict(line.split("\t", 1) for line in lines if not line.startswith("label\t"))
-    assert [line.split("\t", 1)[1] for line in lines if line.startswith("label\t")] == classifier.labels
-    assert (int(info["height"]), int(info["width"]), int(info["channels"])) == (
-        classifier.height,
-        classifier.width,
-        classifier.channels,
+    assert [line.split("\t", 1)[1] for line in lines if line.startswith("label\t")] == metadata.labels
+    assert (info["name"], info["quantization"]) == (metadata.name, metadata.quantization) == ("fmnist", mode)
+    stated = (metadata.input.height, metadata.input.width, metadata.input.channels)
+    assert (int(info["height"]), int(info["width"]), int(info["channels"])) == stated
+    assert info["input_dtype"] == metadata.input_dtype
+    # Java holds the scales as float32 and prints the shortest text that reads back as that float32.
+    for tensor, quantization in (("input", metadata.input_quantization), ("output", metadata.output_quantization)):
+        got = (np.float32(info[f"{tensor}_scale"]), int(info[f"{tensor}_zero_point"]))
+        assert got == (np.float32(quantization.scale), quantization.zero_point), tensor
+    classifier = Classifier(bundles[mode])
+    assert (classifier.labels, (classifier.height, classifier.width, classifier.channels)) == (metadata.labels, stated)
+    assert classifier.input_dtype.name == metadata.input_dtype
+    assert (classifier.input_quantization, classifier.output_quantization) == (
+        metadata.input_quantization,
+        metadata.output_quantization,
     )
-    assert info["input_dtype"] == classifier.input_dtype.name
-    assert (float(info["input_scale"]), int(info["input_zero_point"])) == classifier.input_quantization
-    assert (float(info["output_scale"]), int(info["output_zero_point"])) == classifier.output_quantization
     interpreter = Interpreter(model_path=str(bundles[mode]))
     assert info["output_dtype"] == np.dtype(interpreter.get_output_details()[0]["dtype"]).name
-    assert info["quantization"] == mode
 
 
 @pytest.mark.slow

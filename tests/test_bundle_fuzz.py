@@ -129,6 +129,11 @@ def metadata_edits(metadata: dict) -> dict[str, tuple[bytes | dict, str]]:
         "channels 1": {**metadata, "input": {**size, "channels": 1}},  # the bundles take 3
         "channels 7": {**metadata, "input": {**size, "channels": 7}},
         "width not the model's": {**metadata, "input": {**size, "width": 32}},
+        "input_dtype a number": {**metadata, "input_dtype": 3},
+        "input quantization as text": {**metadata, "input_quantization": "1.0, 0"},
+        "output zero point a fraction": {**metadata, "output_quantization": {"scale": 0.1, "zero_point": 0.5}},
+        "normalization without std": {**metadata, "normalization": {"mean": 0.0}},
+        "batch true": {**metadata, "input": {**size, "batch": True}},
     }
     good = {
         "unchanged": metadata,
@@ -136,10 +141,45 @@ def metadata_edits(metadata: dict) -> dict[str, tuple[bytes | dict, str]]:
         "labels in other scripts": {**metadata, "labels": ["靴", "Café", "🙂"] + labels[3:]},
         "extra fields": {**metadata, "extra": {"deep": [[[1]]], "big": 10**100}},
         "no provenance": {k: v for k, v in metadata.items() if k != "provenance"},
+        "labels and input only": {"labels": labels, "input": {k: size[k] for k in ("height", "width", "channels")}},
     }
     return {name: (doc, "BundleError") for name, doc in bad.items()} | {
         name: (doc, "loaded") for name, doc in good.items()
     }
+
+
+def test_bundle_metadata_reads_back_what_it_wrote_and_names_a_field_of_the_wrong_type():
+    from serve.bundle_metadata import BUNDLE_FORMAT, BundleMetadata, InputSpec, Normalization, Quantization
+    from serve.errors import BundleError
+
+    metadata = BundleMetadata(
+        format=BUNDLE_FORMAT,
+        labels=["cat", "dog"],
+        input=InputSpec(height=24, width=32, channels=3, pixel_range=[0, 255], batch=1),
+        normalization=Normalization(mean=127.5, std=127.5, inside_model=True),
+        quantization="int8",
+        input_dtype="uint8",
+        input_quantization=Quantization(scale=1.0, zero_point=0),
+        output_quantization=Quantization(scale=0.00390625, zero_point=0),
+        provenance={"config": {"epochs": 2, "test_accuracy": None}},
+    )
+    document = json.loads(metadata.to_bytes())
+    assert document == metadata.to_json() and "name" not in document  # absent fields are left out
+    assert BundleMetadata.from_bytes(metadata.to_bytes(), "b.tflite") == metadata
+    assert BundleMetadata.from_json({**document, "future": [1]}, "b.tflite") == metadata  # unknown fields ignored
+    wrong = [
+        ({**document, "input_dtype": 3}, "'input_dtype' is not a string"),
+        (
+            {**document, "output_quantization": {"scale": "1", "zero_point": 0}},
+            "'output_quantization.scale' is not a number",
+        ),
+        ({**document, "normalization": {"mean": 0.0}}, "'normalization.std' is missing"),
+        ({**document, "input": {**document["input"], "batch": True}}, "'input.batch' is not a whole number"),
+        ({**document, "provenance": []}, "'provenance' is not an object"),
+    ]
+    for edited, message in wrong:
+        with pytest.raises(BundleError, match=f"^b.tflite: bundle metadata field {message}$"):
+            BundleMetadata.from_json(edited, "b.tflite")
 
 
 def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
@@ -164,7 +204,7 @@ def make_mutants(bundle: Path, folder: Path) -> list[tuple[dict, str]]:
         flips = [[int(p), int(rng.integers(1, 256))] for p in positions]
         mutants.append(({"flip": flips}, "any"))
     # Metadata edits, signed so that the checksum passes.
-    for name, (document, outcome) in metadata_edits(read_bundle_metadata(bundle, model)).items():
+    for name, (document, outcome) in metadata_edits(read_bundle_metadata(bundle, model).to_json()).items():
         path = folder / f"edit_{len(mutants)}.tflite"
         path.write_bytes(
             # Our entries only: the standard TFLite Metadata cannot describe a malformed document.

@@ -314,7 +314,7 @@ def test_names_that_are_not_utf8_are_labelled_and_printed_escaped(bundles, fmnis
 
 
 def test_labels_the_output_encoding_cannot_hold_are_printed_escaped(bundles, fmnist_images, tmp_path):
-    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"])).to_json()
     edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": ["Café", "靴", *metadata["labels"][2:]]})
     result = run_label_in({"PYTHONIOENCODING": "ascii"}, str(fmnist_images[0]), "-m", str(edited), "-k", "10")
     assert result.returncode == 0 and result.stderr == b""

@@ -96,7 +96,7 @@ def test_quantize_argument_errors_write_nothing(tmp_path, fmnist_run, bundles, o
 def test_bundle_provenance_has_no_absolute_paths(fmnist_run, bundles, runs_dir):
     for path in bundles.values():
         metadata = read_bundle_metadata(path, read_model_file(path))
-        config = metadata["provenance"]["config"]
+        config = metadata.provenance["config"]
         assert not {"runs_dir", "data_path", "cache_dir"} & set(config)
         assert config["data"] == "fashion-mnist" and config["name"] == "fmnist"
         assert str(runs_dir).encode() not in path.read_bytes()
@@ -212,9 +212,9 @@ def test_image_folder_round_trip_with_qat(tmp_path):
     assert "qat" in result.stdout
     bundle = run / "export" / "shapes_qat.tflite"
     metadata = read_bundle_metadata(bundle, read_model_file(bundle))
-    assert metadata["labels"] == ["blue_stripes", "green_discs", "red_squares"]
-    assert metadata["input"]["channels"] == 3 and metadata["normalization"]["mean"] == 127.5
-    assert metadata["provenance"]["config"]["data"] == "shapes"  # the folder's name, not its path
+    assert metadata.labels == ["blue_stripes", "green_discs", "red_squares"]
+    assert metadata.input.channels == 3 and metadata.normalization.mean == 127.5
+    assert metadata.provenance["config"]["data"] == "shapes"  # the folder's name, not its path
     assert str(tmp_path).encode() not in bundle.read_bytes()
     classifier = Classifier(bundle)
     assert classifier.input_dtype.name == "uint8" and (classifier.height, classifier.width) == (32, 32)
@@ -280,7 +280,7 @@ def test_standard_metadata_reads_back_and_is_signed_last(bundles):
     assert scores.associatedFiles[0].type == schema.AssociatedFileType.TENSOR_AXIS_LABELS
     metadata = read_bundle_metadata(bundles["int8"], data)
     with zipfile.ZipFile(bundles["int8"]) as packed:
-        assert packed.read(LABELS_FILE).decode().splitlines() == metadata["labels"]
+        assert packed.read(LABELS_FILE).decode().splitlines() == metadata.labels
     again = embed_metadata(data, metadata)  # replaces the entries and the zip: nothing doubles
     assert read_bundle_metadata("again", again) == metadata and abs(len(again) - len(data)) < 100
     with zipfile.ZipFile(io.BytesIO(again)) as packed:
@@ -289,7 +289,7 @@ def test_standard_metadata_reads_back_and_is_signed_last(bundles):
     tampered[-30] ^= 1  # inside the zip's end record, after the flatbuffer
     with pytest.raises(BundleError, match="checksum does not match"):
         Classifier(bytes(tampered))
-    ours_only = embed_metadata_bytes(data, json.dumps(metadata).encode())
+    ours_only = embed_metadata_bytes(data, metadata.to_bytes())
     assert STANDARD_METADATA_NAME not in read_model_metadata(ours_only) and BUNDLE_METADATA_NAME in read_model_metadata(
         ours_only
     )

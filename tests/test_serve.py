@@ -30,16 +30,16 @@ def test_bundle_carries_labels_input_spec_and_provenance(fmnist_run, bundles):
     data = json.loads((fmnist_run / "data.json").read_text())
     for mode, path in bundles.items():
         metadata = read_bundle_metadata(path, read_model_file(path))
-        assert metadata["labels"] == FASHION_MNIST_CLASSES
-        assert metadata["quantization"] == mode
-        assert metadata["input"] | {"height": 28, "width": 28, "channels": 3} == metadata["input"]  # RGB in
-        assert metadata["normalization"]["std"] == 255.0
-        assert metadata["provenance"]["data_fingerprint"] == data["fingerprint"]
-        assert metadata["provenance"]["config"]["name"] == "fmnist"
-        assert set(metadata["metrics"]) == {"float32", mode}
+        assert metadata.labels == FASHION_MNIST_CLASSES
+        assert metadata.quantization == mode
+        assert (metadata.input.height, metadata.input.width, metadata.input.channels) == (28, 28, 3)  # RGB in
+        assert metadata.normalization.std == 255.0
+        assert metadata.provenance["data_fingerprint"] == data["fingerprint"]
+        assert metadata.provenance["config"]["name"] == "fmnist"
+        assert set(metadata.metrics) == {"float32", mode}
     int8 = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
-    assert int8["input_dtype"] == "uint8"
-    assert int8["output_quantization"] == {"scale": 0.0, "zero_point": 0}  # float32 scores: softmax in float
+    assert int8.input_dtype == "uint8"
+    assert int8.output_quantization == (0.0, 0)  # float32 scores: softmax in float
     labels = (fmnist_run / "export" / "labels.txt").read_text().splitlines()
     assert labels == FASHION_MNIST_CLASSES
 
@@ -79,7 +79,7 @@ def test_classifier_from_bytes_checks_the_checksum_and_the_metadata(bundles, tmp
     with pytest.raises(BundleError, match=r"^<bytes>: corrupt bundle: checksum does not match$"):
         Classifier(changed)
     assert Classifier(changed, verify_checksum=False).labels[1] == "Trousen"
-    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"])).to_json()
     edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": "abcdefghij"})
     with pytest.raises(BundleError, match=r"^<bytes>: bundle metadata has no 'labels' list of strings$"):
         Classifier(edited.read_bytes())
@@ -316,7 +316,7 @@ MALFORMED_METADATA = {
 @pytest.mark.parametrize("shape", sorted(MALFORMED_METADATA))
 def test_malformed_bundle_metadata_is_a_bundle_error(bundles, tmp_path, shape):
     edit, problem = MALFORMED_METADATA[shape]
-    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"])).to_json()
     edited = resigned(bundles["int8"], tmp_path, edit(metadata))
     with pytest.raises(BundleError, match=re.escape(problem)) as caught:
         Classifier(edited)
@@ -351,7 +351,7 @@ def test_seven_channel_model_is_blamed_not_the_image(odd_models, fmnist_images):
 
 
 def test_labels_given_as_a_string_are_refused(bundles, tmp_path):
-    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"])).to_json()
     edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": "abcdefghij"})  # split: ten labels
     with pytest.raises(BundleError, match="no 'labels' list of strings"):
         Classifier(edited)
@@ -451,7 +451,7 @@ def test_newest_bundle_skips_dangling_symlinks_and_special_files(tmp_path, bundl
 
 
 def test_label_names_with_control_characters_are_escaped(bundles, fmnist_images, tmp_path):
-    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"]))
+    metadata = read_bundle_metadata(bundles["int8"], read_model_file(bundles["int8"])).to_json()
     labels = ["T\nAnkle boot (9): 1.000000", "\x1b[31mred", "tab\there", "del\x7f", "nel\x85", "cr\r", "par\u2029"]
     labels += ["靴", "Café", "plain"]
     edited = resigned(bundles["int8"], tmp_path, {**metadata, "labels": labels})

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from serve import Classifier
+from serve.bundle import read_bundle
 from tests.conftest import PIPELINE, ROOT
 
 WEB_DIR = ROOT / "serve" / "web"
@@ -112,6 +113,8 @@ def test_serve_web_leaks_no_provenance(bundles, runs_dir, litert_js, tmp_path):
         bundle = json.loads(urllib.request.urlopen(url + "bundle.json", timeout=10).read())
         model = urllib.request.urlopen(url + "model.tflite", timeout=10).read()
     assert "provenance" not in bundle and bundle["labels"] and bundle["input"]["height"] == 28
+    _, metadata = read_bundle(bundles["int8"])
+    assert bundle == {key: value for key, value in metadata.to_json().items() if key != "provenance"}
     assert str(runs_dir).encode() not in model
 
 
@@ -139,6 +142,21 @@ def test_serve_web_idle_connections_pin_no_threads(bundles, litert_js, tmp_path)
 def test_browser_scores_match_serve(mode, bundles, fmnist_images, litert_js, chromium, tmp_path):
     page = page_results(chromium, bundles[mode], fmnist_images, tmp_path)
     assert "error" not in page, page["error"]
+    # What app.js read of the bundle is what serve's BundleMetadata holds for the bundle quantize wrote.
+    _, metadata = read_bundle(bundles[mode])
+    assert page["bundle"] == {
+        "name": metadata.name,
+        "quantization": metadata.quantization,
+        "labels": metadata.labels,
+        "height": metadata.input.height,
+        "width": metadata.input.width,
+        "channels": metadata.input.channels,
+        "inputDtype": metadata.input_dtype,
+        "inputScale": metadata.input_quantization.scale,
+        "inputZeroPoint": metadata.input_quantization.zero_point,
+        "outputScale": metadata.output_quantization.scale,
+        "outputZeroPoint": metadata.output_quantization.zero_point,
+    }
     classifier = Classifier(bundles[mode])
     # One image at a time, as the page runs them: a batch could take other kernel paths.
     expected = np.concatenate([classifier.predict(classifier.preprocess(i)[None]) for i in fmnist_images])

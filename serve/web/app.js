@@ -1,6 +1,7 @@
 // Runs an edge-pipeline bundle in the browser with LiteRT.js (WebAssembly on the CPU), preparing the input
 // and reading the output exactly as serve/classifier.py does. `/?selftest=1` runs the server's tensors instead
-// of a photo and writes the raw results as JSON into #result, for tests/test_web.py.
+// of a photo and writes the raw results and what the page read of the bundle as JSON into #result, for
+// tests/test_web.py.
 import { loadAndCompile, loadLiteRt, Tensor } from "@litertjs/core";
 
 const WASM_DIR = "/node_modules/@litertjs/core/wasm/";
@@ -12,21 +13,39 @@ async function fetchJson(url) {
   return response.json();
 }
 
+// What the page uses of the bundle's metadata: /bundle.json is serve's BundleMetadata as JSON (less its
+// provenance), /labels.json its labels.
+function bundleInfo(metadata, labels) {
+  const { height, width, channels } = metadata.input;
+  return {
+    name: metadata.name,
+    quantization: metadata.quantization,
+    labels,
+    height,
+    width,
+    channels,
+    inputDtype: metadata.input_dtype,
+    inputScale: metadata.input_quantization.scale,
+    inputZeroPoint: metadata.input_quantization.zero_point,
+    outputScale: metadata.output_quantization.scale,
+    outputZeroPoint: metadata.output_quantization.zero_point,
+  };
+}
+
 // Bundles take raw 0..255 pixels: unchanged as uint8 when the input quantisation is scale 1, zero point 0,
 // as float32 values for float bundles. Normalisation is inside the model.
 function toInput(pixels, bundle) {
-  const { height, width, channels } = bundle.input;
-  const shape = [1, height, width, channels];
-  if (bundle.input_dtype === "float32") return new Tensor(Float32Array.from(pixels), shape);
-  const { scale, zero_point: zeroPoint } = bundle.input_quantization;
-  if (bundle.input_dtype === "uint8" && scale === 1 && zeroPoint === 0) return new Tensor(Uint8Array.from(pixels), shape);
-  throw new Error(`unsupported input: ${bundle.input_dtype}, scale ${scale}, zero point ${zeroPoint}`);
+  const { inputDtype, inputScale: scale, inputZeroPoint: zeroPoint } = bundle;
+  const shape = [1, bundle.height, bundle.width, bundle.channels];
+  if (inputDtype === "float32") return new Tensor(Float32Array.from(pixels), shape);
+  if (inputDtype === "uint8" && scale === 1 && zeroPoint === 0) return new Tensor(Uint8Array.from(pixels), shape);
+  throw new Error(`unsupported input: ${inputDtype}, scale ${scale}, zero point ${zeroPoint}`);
 }
 
 // uint8 scores become (q - zero_point) * scale. Float32Array rounds each product to float32 as numpy does,
 // so int8 results match serve bit for bit.
 function dequantize(raw, bundle) {
-  const { scale, zero_point: zeroPoint } = bundle.output_quantization;
+  const { outputScale: scale, outputZeroPoint: zeroPoint } = bundle;
   if (!(raw instanceof Uint8Array) || !scale) return Float32Array.from(raw);
   return Float32Array.from(raw, (q) => (q - zeroPoint) * scale);
 }
@@ -65,7 +84,7 @@ async function photoPixels(file, { height, width, channels }) {
   return pixels;
 }
 
-function showTop5(scores, labels, ms) {
+function showTop5(scores, { labels }, ms) {
   const ranked = Array.from(scores, (score, index) => ({ score, index }));
   ranked.sort((a, b) => b.score - a.score); // stable: ties keep the lower index first, like serve's top_k
   $("top5").replaceChildren(
@@ -85,12 +104,13 @@ async function selftest(model, bundle) {
     const { raw, scores } = await classify(model, bundle, pixels);
     results.push({ raw: Array.from(raw), scores: Array.from(scores) });
   }
-  $("result").textContent = JSON.stringify({ results });
+  $("result").textContent = JSON.stringify({ bundle, results });
   $("status").textContent = `Self-test: ${results.length} inputs run.`;
 }
 
 async function main() {
-  const [bundle, labels] = await Promise.all([fetchJson("/bundle.json"), fetchJson("/labels.json")]);
+  const [metadata, labels] = await Promise.all([fetchJson("/bundle.json"), fetchJson("/labels.json")]);
+  const bundle = bundleInfo(metadata, labels);
   $("title").textContent = `Classify a photo: ${bundle.name} (${bundle.quantization})`;
   await loadLiteRt(WASM_DIR);
   const model = await loadAndCompile("/model.tflite", { accelerator: "wasm" });
@@ -101,8 +121,8 @@ async function main() {
     input.addEventListener("change", async () => {
       if (!input.files.length) return;
       try {
-        const { scores, ms } = await classify(model, bundle, await photoPixels(input.files[0], bundle.input));
-        showTop5(scores, labels, ms);
+        const { scores, ms } = await classify(model, bundle, await photoPixels(input.files[0], bundle));
+        showTop5(scores, bundle, ms);
         $("status").textContent = input.files[0].name;
       } catch (err) {
         $("status").textContent = `Error: ${err.message}`;

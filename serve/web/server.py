@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 
-from serve.bundle import read_bundle_metadata, read_model_file
+from serve.bundle import read_bundle
 from serve.errors import BundleError, PipelineError
 from serve.tflite_flatbuffer import input_shape_signatures
 
@@ -232,24 +232,21 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
     """A server for `model_path`. `/selftest.json` holds the input tensors serve makes of `selftest_images`,
     flattened, for `/?selftest=1`: the browser's canvas resamples differently, so a comparison starts there."""
     check_litert()
-    model = read_model_file(model_path)
-    metadata = read_bundle_metadata(model_path, model)
+    model, metadata = read_bundle(model_path)
     if metadata is None:
         raise BundleError(f"{model_path}: not an edge-pipeline bundle (no metadata); the page needs one")
     check_fixed_batch(model_path, model)
-    public = {key: value for key, value in metadata.items() if key != "provenance"}
+    public = metadata._replace(provenance=None).to_json()
     files = {
         "/model.tflite": (model, "application/octet-stream"),  # as it is: bundles take batch 1, as LiteRT.js needs
         "/bundle.json": (json.dumps(public).encode(), "application/json"),
-        "/labels.json": (json.dumps(metadata.get("labels", [])).encode(), "application/json"),
+        "/labels.json": (json.dumps(metadata.labels).encode(), "application/json"),
     }
     if selftest_images:
         from serve.preprocess import to_pixels
 
-        size = metadata["input"]
-        inputs = [
-            to_pixels(i, size["height"], size["width"], size["channels"]).ravel().tolist() for i in selftest_images
-        ]
+        size = metadata.input
+        inputs = [to_pixels(i, size.height, size.width, size.channels).ravel().tolist() for i in selftest_images]
         files["/selftest.json"] = (json.dumps({"inputs": inputs}).encode(), "application/json")
 
     class Handler(HeadHandler):  # GET only; other methods get 501

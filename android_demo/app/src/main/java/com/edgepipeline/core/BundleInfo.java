@@ -11,7 +11,8 @@ import java.util.Map;
  * What the app needs to know about a bundle, all read from the model file itself: the labels, input size,
  * colour channels, input dtype and quantisation from the "edge_pipeline.bundle" JSON metadata, and the
  * output's element type and class count from the flatbuffer's output tensor (the metadata does not state
- * the output dtype).
+ * the output dtype). The JSON document is the one serve/bundle_metadata.py's BundleMetadata defines and
+ * quantize writes; tests/test_android.py checks that this class reads the values that type holds.
  */
 public final class BundleInfo {
     public static final String METADATA_NAME = "edge_pipeline.bundle";
