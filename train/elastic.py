@@ -18,14 +18,13 @@ import socket
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import tf_keras as keras
 from horovod.tensorflow.keras import elastic as hvd_elastic
 
 from serve.files import write_atomic
 from train import distributed
-from train.rundir import RUN_FILE_LIMIT, RunFileError, read_text_file
+from train.rundir import RUN_FILE_LIMIT, RunDir, RunFileError, read_text_file
 
 MEMBERSHIP_COLUMNS = ["time", "event", "host", "epoch", "batch", "workers"]
 
@@ -120,10 +119,10 @@ class ScaledLearningRate(keras.callbacks.Callback):
         )
 
 
-def note_membership(state: TrainingState, run: Path) -> None:
+def note_membership(state: TrainingState, run: RunDir) -> None:
     """Compare the workers now training with those of the last commit: rank 0 prints one line per worker
     lost or joined ("worker on HOST lost at epoch 3 batch 120: continuing with 1 worker") and appends a row
-    per change to <run>/membership.csv (the first start records each worker as "start")."""
+    per change to the run's membership.csv (the first start records each worker as "start")."""
     # horovodrun names each worker's host as its host list or discovery script does.
     hosts = distributed.hvd.allgather_object(os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname())
     before, now = Counter(state.members), Counter(hosts)
@@ -141,7 +140,7 @@ def note_membership(state: TrainingState, run: Path) -> None:
             noun = "worker" if workers == 1 else "workers"
             print(f"worker on {host} {event} at epoch {epoch} batch {batch}: continuing with {workers} {noun}")
     sys.stdout.flush()
-    path = run / "membership.csv"
+    path = run.membership
     before = read_text_file(path, RUN_FILE_LIMIT, "a membership.csv", RunFileError) if os.path.lexists(path) else ""
     text = io.StringIO()
     writer = csv.writer(text)

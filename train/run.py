@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-import yaml
 
 from serve.errors import PipelineError, StoppedError
 from serve.files import atomic_path, write_atomic
@@ -29,23 +28,7 @@ from train.data import Dataset, load_dataset
 from train.keras_internals import dropout_generators
 from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
-from train.rundir import (
-    CHECKPOINT_PREFIX,
-    MOVING_STATS_FILE,
-    POSITION_FILE,
-    check_resume,
-    checkpoints,
-    inside_epoch_checkpoints,
-    latest_inside_epoch,
-    nothing_to_resume,
-    read_config,
-    read_history,
-    read_run_json,
-    run_dir,
-    run_lock,
-    versions,
-    write_history,
-)
+from train.rundir import RunDir, Summary, check_resume, read_run_json, versions
 
 
 class RunError(PipelineError):
@@ -89,11 +72,11 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
     and only rank 0 (the chief) reads and writes the run directory, holding its lock throughout.
     """
     distributed.init(config["mixed_precision"])
-    run = run_dir(config)
+    run = RunDir.of(config)
     with contextlib.ExitStack() as lock:
 
         def claim() -> Position:
-            lock.enter_context(run_lock(run, "training"))
+            lock.enter_context(run.lock("training"))
             return _start_position(run, config, resume, exist_ok)
 
         if distributed.elastic():  # no collective may run before Horovod Elastic's loop: rank 0 decides in it
@@ -102,7 +85,7 @@ def train(config: dict, resume: bool = False, exist_ok: bool = False) -> Path:
         return _train(run, config, lambda: start)
 
 
-def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
+def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
     """Train on this worker, alone, in a fixed-size job or in an elastic one; `claim()`, called on rank 0 as
     training begins, says where to start.
 
@@ -171,14 +154,16 @@ def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
                     variable.assign(value)
             if elastic:
                 state.commit()
-            seconds["setup"] = time.perf_counter() - started - seconds["data"]
+        # Once: after the start, or on a worker that joined an elastic job later, when it first comes here.
+        seconds.setdefault("setup", time.perf_counter() - started - seconds["data"])
         if elastic:
             elastic.note_membership(state, run)
         del state.history[state.epoch :]  # under elastic, a row written after the last commit is written again
         epoch, workers = state.epoch, distributed.size()
         same_workers = inside is not None and inside["workers"] == workers
         done = resume_point(count, state.images, workers)
-        agreement = Agreement(run, config, Position(epoch, state.batch), done, None if elastic else save_inside_epoch)
+        save = None if elastic else save_inside_epoch
+        agreement = Agreement(run.path, config, Position(epoch, state.batch), done, save)
 
         def callbacks(images: int, steps: int) -> list:
             """The callbacks of a fit call whose epochs train `images` images in `steps` steps."""
@@ -190,7 +175,7 @@ def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
                 writers.append(
                     RunWriter(run, checkpoint, state.history, config["keep_checkpoints"], images, allreduce_bytes)
                 )
-                tensorboard = EpochTensorBoard(log_dir=str(run / "tensorboard"), write_graph=False)
+                tensorboard = EpochTensorBoard(log_dir=str(run.tensorboard), write_graph=False)
                 callbacks += [writers[-1], tensorboard, EpochProgress(config["epochs"])]
             if elastic:  # after RunWriter: an epoch's end commits once its row and checkpoint are written
                 callbacks += [
@@ -241,7 +226,7 @@ def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
     seconds["training"] = time.perf_counter() - started - seconds["data"] - seconds["setup"]
     seconds["bookkeeping"] = sum(writer.bookkeeping_seconds for writer in writers)
     if not distributed.is_chief():
-        return run
+        return run.path
     if len(set(checksums)) > 1:
         raise RunError(
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
@@ -249,28 +234,30 @@ def _train(run: Path, config: dict, claim: Callable[[], Position]) -> Path:
     return _finish(run, config, data, state.history, model, seconds, checksums)
 
 
-def _open(run: Path, config: dict, start: Position, checkpoint: tf.train.Checkpoint) -> tuple[list[dict], dict | None]:
+def _open(
+    run: RunDir, config: dict, start: Position, checkpoint: tf.train.Checkpoint
+) -> tuple[list[dict], dict | None]:
     """On rank 0: empty the run directory for a new run, or restore a resumed one's checkpoint. Returns its
     history, and the position.json of a checkpoint inside an epoch (None at an epoch's end)."""
     if start.folder is None:  # only now: a config, data or model that fails must not cost an old run
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
+        shutil.rmtree(run.path, ignore_errors=True)
+        run.path.mkdir(parents=True)
         return [], None
-    previous = read_config(run)
+    previous = run.read_config()
     inside = _read_position(start.folder) if start.batches else None
-    _restore(start.folder / "ckpt", checkpoint, previous, config)
+    _restore(RunDir.checkpoint_prefix(start.folder), checkpoint, previous, config)
     if inside:
         workers = f", saved by {inside['workers']} workers" if inside["workers"] != distributed.size() else ""
         print(f"resuming {run} inside epoch {start.epoch + 1}, after batch {start.batches}{workers}", file=sys.stderr)
     else:
         print(f"resuming {run} after epoch {start.epoch}", file=sys.stderr)
-    return [row for row in read_history(run) if row["epoch"] <= start.epoch], inside
+    return [row for row in run.read_history() if row["epoch"] <= start.epoch], inside
 
 
 def _read_position(folder: Path) -> dict:
     """A checkpoint inside an epoch's position.json -- where in its epoch it was written, every worker's metric
     sums -- with every worker's BatchNorm moving statistics from its moving_stats.npz, as "moving_stats"."""
-    path = folder / POSITION_FILE
+    path, moving_stats = RunDir.position_file(folder), RunDir.moving_stats_file(folder)
     position = read_run_json(path)
     fields = {"epoch": int, "batches": int, "images": int, "workers": int, "metric_sums": list}
     if not isinstance(position, dict) or any(not isinstance(position.get(k), t) for k, t in fields.items()):
@@ -278,19 +265,19 @@ def _read_position(folder: Path) -> dict:
     if len(position["metric_sums"]) != position["workers"] or position["images"] < 0:
         raise RunError(f"{path}: its metric sums do not match its {position['workers']} workers")
     try:
-        with np.load(folder / MOVING_STATS_FILE, allow_pickle=False) as arrays:
+        with np.load(moving_stats, allow_pickle=False) as arrays:
             moving = [
                 [arrays[f"rank{r}_{i}"] for i in range(len(arrays) // position["workers"])]
                 for r in range(position["workers"])
             ]
     except (OSError, ValueError, KeyError) as err:
-        raise RunError(f"{folder / MOVING_STATS_FILE}: cannot be read ({err}); start over with --exist-ok") from None
+        raise RunError(f"{moving_stats}: cannot be read ({err}); start over with --exist-ok") from None
     return position | {"moving_stats": moving}
 
 
-def _write_run_files(run: Path, config: dict, data: Dataset, model) -> None:
-    write_atomic(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_atomic(run / "data.json", json.dumps(data.summary(), indent=2))
+def _write_run_files(run: RunDir, config: dict, data: Dataset, model) -> None:
+    run.write_config(config)
+    run.write_data(data.summary())
     _print_header(run, config, data, model)
 
 
@@ -325,7 +312,7 @@ def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config
 
 
 @contextlib.contextmanager
-def _curves_on_failure(run: Path, history):
+def _curves_on_failure(run: RunDir, history):
     """Plot the curves of the epochs done (`history()`'s rows) when training stops early: Ctrl-C, a lost job, an
     error. A run that ends well plots them in `_finish`, once: per epoch they would cost as much as the metrics and
     the checkpoint together."""
@@ -333,14 +320,14 @@ def _curves_on_failure(run: Path, history):
         yield
     except BaseException:
         if history():
-            plot_curves(history(), run / "curves.png")
+            plot_curves(history(), run.curves)
         raise
 
 
-def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: Path) -> None:
+def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: RunDir) -> None:
     matrix = np.zeros((len(class_names),) * 2, dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
-    plot_confusion(matrix, class_names, run / "confusion_matrix.png", title)
+    plot_confusion(matrix, class_names, run.confusion_matrix, title)
 
 
 def _on_chief(work):
@@ -362,24 +349,24 @@ def _shard_size(count: int) -> int:
     return count // distributed.size()
 
 
-def _start_position(run: Path, config: dict, resume: bool, exist_ok: bool) -> Position:
+def _start_position(run: RunDir, config: dict, resume: bool, exist_ok: bool) -> Position:
     """Where to start: a new run, which may replace an old one only with exist_ok, or a resume with nothing to
     resume yet (what it replaces finished no epoch); or, resuming, the newest checkpoint -- inside an epoch if one
     was written after the last epoch's. A resumed run must keep the settings that define it.
     Decided on rank 0 alone, under the run's lock, and broadcast: every worker takes the same decision."""
     if resume:
-        if nothing_to_resume(run):
+        if run.nothing_to_resume():
             print(f"{run}: nothing to resume yet, starting it", file=sys.stderr)
             return Position(0)
-        found, inside = checkpoints(run), latest_inside_epoch(run)
+        found, inside = run.checkpoints(), run.latest_inside_epoch()
         if not found and not inside:
             raise RunError(f"{run}: no complete checkpoint to resume from; start it over with --exist-ok")
-        check_resume(run, read_config(run), config)
+        check_resume(run, run.read_config(), config)
         if inside and inside[0] <= config["epochs"]:  # (fewer epochs now: that epoch's end is not wanted)
             epoch, batches, folder = inside
             return Position(epoch - 1, batches, folder)
         return Position(found[-1][0], 0, found[-1][1])
-    if run.exists() and any(run.iterdir()):
+    if run.path.exists() and any(run.path.iterdir()):
         if not exist_ok:
             raise RunError(
                 f"{run}: run directory already exists; pass --resume to continue it, --exist-ok to start it "
@@ -388,12 +375,12 @@ def _start_position(run: Path, config: dict, resume: bool, exist_ok: bool) -> Po
     return Position(0)
 
 
-def _check_same_data(run: Path, data: Dataset) -> None:
+def _check_same_data(run: RunDir, data: Dataset) -> None:
     """A resumed run must train on the images it started with: the same settings may name changed files."""
-    started = read_run_json(run / "data.json")
+    started = run.read_data()
     started = started.get("fingerprint") if isinstance(started, dict) else None
     if not isinstance(started, str):
-        raise RunError(f"{run / 'data.json'}: no data fingerprint; start a new run with --name")
+        raise RunError(f"{run.data_file}: no data fingerprint; start a new run with --name")
     if started != data.fingerprint:
         raise RunError(
             f"{run}: --resume cannot change the data ({data.source} changed since the run started: fingerprint "
@@ -558,7 +545,7 @@ class Agreement(keras.callbacks.Callback):
         )
 
     def _diverged(self, what: str):
-        done = checkpoints(self.run)
+        done = RunDir(self.run).checkpoints()
         again = f"--resume from epoch {done[-1][0]}" if done else "start over with --exist-ok"
         lower = f"lower learning_rate ({self.learning_rate:g}), then {again}"
         raise DivergedError(f"{self.run}: {what}, so the epoch was not saved: {lower}")
@@ -595,21 +582,21 @@ def _moving_stats(model) -> list:
     return [variable for variable in model.non_trainable_variables if "moving_" in variable.name]
 
 
-def _write_inside_epoch(run: Path, checkpoint: tf.train.Checkpoint, position: dict, moving: list) -> None:
+def _write_inside_epoch(run: RunDir, checkpoint: tf.train.Checkpoint, position: dict, moving: list) -> None:
     """A checkpoint inside an epoch (train/rundir.py) with every worker's `moving` statistics, written to a temp
     folder and renamed; older ones inside epochs are removed once it is in place."""
-    folder = run / "checkpoints"
-    name = f"{CHECKPOINT_PREFIX}{position['epoch']:03d}_batch_{position['batches']:06d}"
-    tmp = folder / f".{name}.tmp"
+    final = run.inside_epoch_checkpoint(position["epoch"], position["batches"])
+    tmp = RunDir.temp_folder(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.write(str(tmp / "ckpt"))
-    write_atomic(tmp / POSITION_FILE, json.dumps(position | {"written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    checkpoint.write(str(RunDir.checkpoint_prefix(tmp)))
+    written = position | {"written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_atomic(RunDir.position_file(tmp), json.dumps(written))
     arrays = {f"rank{rank}_{i}": value for rank, values in enumerate(moving) for i, value in enumerate(values)}
-    np.savez(tmp / MOVING_STATS_FILE, **arrays)
-    shutil.rmtree(folder / name, ignore_errors=True)
-    tmp.rename(folder / name)
-    for _, _, old in inside_epoch_checkpoints(run):
-        if old.name != name:
+    np.savez(RunDir.moving_stats_file(tmp), **arrays)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, _, old in run.inside_epoch_checkpoints():
+        if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -647,7 +634,7 @@ class RunWriter(keras.callbacks.Callback):
 
     def __init__(
         self,
-        run: Path,
+        run: RunDir,
         checkpoint: tf.train.Checkpoint,
         history: list[dict],
         keep: int,
@@ -685,26 +672,25 @@ class RunWriter(keras.callbacks.Callback):
         self.history.append(row)
         if row["val_accuracy"] > self.best:
             self.best, self.best_epoch = row["val_accuracy"], row["epoch"]
-        write_history(self.run, self.history)
+        self.run.write_history(self.history)
         self._save_checkpoint(epoch + 1)
         self.bookkeeping_seconds += time.time() - started
 
     def _save_checkpoint(self, epoch: int) -> None:
-        folder = self.run / "checkpoints"
-        final = folder / f"{CHECKPOINT_PREFIX}{epoch:03d}"
-        tmp = folder / f".{CHECKPOINT_PREFIX}{epoch:03d}.tmp"
+        final = self.run.epoch_checkpoint(epoch)
+        tmp = RunDir.temp_folder(final)
         shutil.rmtree(tmp, ignore_errors=True)
-        self.checkpoint.write(str(tmp / "ckpt"))
+        self.checkpoint.write(str(RunDir.checkpoint_prefix(tmp)))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for _, _, inside in inside_epoch_checkpoints(self.run):  # this epoch's end supersedes them
+        for _, _, inside in self.run.inside_epoch_checkpoints():  # this epoch's end supersedes them
             shutil.rmtree(inside, ignore_errors=True)
-        for number, old in checkpoints(self.run)[: -self.keep]:
+        for number, old in self.run.checkpoints()[: -self.keep]:
             if number != self.best_epoch:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _print_header(run: Path, config: dict, data: Dataset, model) -> None:
+def _print_header(run: RunDir, config: dict, data: Dataset, model) -> None:
     test = f" / {len(data.test_y)} test" if data.test_y is not None else ""
     skipped = f", {len(data.skipped)} unreadable skipped" if data.skipped else ""
     print(f"run:   {run}")
@@ -724,25 +710,25 @@ def _best_row(history: list[dict]) -> dict:
     return max(history, key=lambda row: row["val_accuracy"])
 
 
-def _best_model(run: Path, config: dict, epoch: int, num_classes: int):
+def _best_model(run: RunDir, config: dict, epoch: int, num_classes: int):
     """The model as it was after `epoch`, from that epoch's checkpoint (RunWriter keeps the best epoch's), read into
     a new model: the one training has another epoch's weights, and maybe other trainable layers. A run directory
     written before the best epoch's checkpoint was kept has best.keras instead."""
-    path = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{epoch:03d}"
+    path = run.epoch_checkpoint(epoch)
     if not path.is_dir():
-        return keras.models.load_model(run / "best.keras", compile=False)
+        return keras.models.load_model(run.best_model, compile=False)
     model = _build(config, num_classes)
-    tf.train.Checkpoint(model=model).read(str(path / "ckpt")).expect_partial()
+    tf.train.Checkpoint(model=model).read(str(RunDir.checkpoint_prefix(path))).expect_partial()
     return model
 
 
 def _finish(
-    run: Path, config: dict, data: Dataset, history: list[dict], model, seconds: dict, checksums: list[str]
+    run: RunDir, config: dict, data: Dataset, history: list[dict], model, seconds: dict, checksums: list[str]
 ) -> Path:
     """Save the best model, evaluate it on validation (and test) data, plot the curves and its confusion matrix,
     write summary.json. `model` holds the weights of the last epoch in `history`."""
     started = time.perf_counter()
-    plot_curves(history, run / "curves.png")
+    plot_curves(history, run.curves)
     best = _best_row(history)
     if best is not history[-1]:
         model = _best_model(run, config, best["epoch"], len(data.class_names))
@@ -752,28 +738,26 @@ def _finish(
     title = f"validation, epoch {best['epoch']}: accuracy {val_accuracy:.4f}"
     _plot_confusion(data.class_names, data.val_y, val_pred, title, run)
     test_pred = _predicted_classes(classes, data.test_x) if data.test_y is not None else None
-    with atomic_path(run / "best.keras") as tmp:
+    with atomic_path(run.best_model) as tmp:
         model.save(tmp)
     seconds["evaluation"] = time.perf_counter() - started
-    summary = {
-        "best_epoch": best["epoch"],
-        "epochs": len(history),
-        "val_accuracy": val_accuracy,
-        "test_accuracy": None if test_pred is None else float(np.mean(test_pred == data.test_y)),
-        "train_seconds": round(seconds["training"], 1),
-        # Where the time went: loading data, building the model (and restoring it), model.fit (with validation
-        # and the per-epoch bookkeeping it includes), and this evaluation with its plots.
-        "seconds": {name: round(value, 3) for name, value in seconds.items()},
-        "skipped_images": len(data.skipped),
-        "data_fingerprint": data.fingerprint,
-        "workers": distributed.size(),
-        "compression": config["compression"],
-        "rank_weight_checksums": checksums,
-        "normalization": dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
-        "versions": versions(),
-    }
-    write_atomic(run / "summary.json", json.dumps(summary, indent=2))
-    test = f", test accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
-    print(f"best epoch {best['epoch']}: val accuracy {summary['val_accuracy']:.4f}{test}")
+    summary = Summary(
+        best_epoch=best["epoch"],
+        epochs=len(history),
+        val_accuracy=val_accuracy,
+        test_accuracy=None if test_pred is None else float(np.mean(test_pred == data.test_y)),
+        train_seconds=round(seconds["training"], 1),
+        seconds={name: round(value, 3) for name, value in seconds.items()},
+        skipped_images=len(data.skipped),
+        data_fingerprint=data.fingerprint,
+        workers=distributed.size(),
+        compression=config["compression"],
+        rank_weight_checksums=checksums,
+        normalization=dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
+        versions=versions(),
+    )
+    run.write_summary(summary)
+    test = f", test accuracy {summary.test_accuracy:.4f}" if summary.test_accuracy is not None else ""
+    print(f"best epoch {best['epoch']}: val accuracy {summary.val_accuracy:.4f}{test}")
     print(f"run directory: {run}")
-    return run
+    return run.path

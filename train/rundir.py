@@ -360,43 +360,6 @@ def make_runs_dir(runs_dir: str | Path) -> None:
         raise RunFileError(f"{path}: runs_dir is not writable (permission denied); {_WRITABLE}")
 
 
-# Kept only for train/run.py and train/elastic.py until they take a RunDir (issue 21): each is one of RunDir's.
-def run_dir(config: dict) -> Path:
-    return RunDir.of(config).path
-
-
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    return RunDir(run).checkpoints()
-
-
-def inside_epoch_checkpoints(run: Path) -> list[tuple[int, int, Path]]:
-    return RunDir(run).inside_epoch_checkpoints()
-
-
-def latest_inside_epoch(run: Path) -> tuple[int, int, Path] | None:
-    return RunDir(run).latest_inside_epoch()
-
-
-def nothing_to_resume(run: Path) -> bool:
-    return RunDir(run).nothing_to_resume()
-
-
-def read_history(run: Path) -> list[dict]:
-    return RunDir(run).read_history()
-
-
-def write_history(run: Path, history: list[dict]) -> None:
-    RunDir(run).write_history(history)
-
-
-def read_config(run: Path) -> dict:
-    return RunDir(run).read_config()
-
-
-def run_lock(run: str | Path, purpose: str):
-    return RunDir(Path(run)).lock(purpose)
-
-
 def versions() -> dict:
     """The versions a run was made with, for summary.json."""
     import numpy as np
