@@ -429,16 +429,6 @@ def serve_web(model_file, port, host, selftest_images) -> None:
     Browsers allow the camera only over https or on localhost: from a phone over
     plain http (--host 0.0.0.0), use "Choose a photo" instead of "Take a photo".
     """
-    from serve.web.server import make_server
+    from serve.web.server import serve
 
-    model_path = model_file or newest_bundle()
-    server = make_server(model_path, host, port, list(selftest_images))
-    port = server.server_address[1]
-    click.echo(f"Serving {model_path} at http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/")
-    if host in ("0.0.0.0", "::"):
-        click.echo(f"From a phone on the same network: http://<this machine's address>:{port}/")
-    click.echo("Ctrl-C to stop.")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    serve(model_file or newest_bundle(), host, port, list(selftest_images))

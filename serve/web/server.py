@@ -285,3 +285,17 @@ def make_server(model_path: str, host: str, port: int, selftest_images: list[str
         return WebServer((host, port), Handler)
     except OSError as err:
         raise PipelineError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def serve(model_path: str, host: str, port: int, selftest_images: list[str] = ()) -> None:
+    """`pipeline serve-web`: serve `model_path` on `host`:`port` until Ctrl-C, saying where."""
+    server = make_server(model_path, host, port, selftest_images)
+    port = server.server_address[1]
+    print(f"Serving {model_path} at http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/", flush=True)
+    if host in ("0.0.0.0", "::"):
+        print(f"From a phone on the same network: http://<this machine's address>:{port}/", flush=True)
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
