@@ -183,6 +183,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     bare_best = bare_loop(interpreter, png_paths, size, mode)
     agree = np.mean([p[0].index == b for p, b in zip(classifier.classify_batch(png_paths), bare_best)])
 
+    load_before = os.getloadavg()[0]  # other processes on the machine: the pairs share their noise, the table says it
     seconds: dict[str, dict[str, list[float]]] = {name: {"pipeline": [], "bare": []} for name in commands}
     seconds["in-process, PNGs"] = {"pipeline": [], "bare": []}
     for round_number in range(args.rounds):
@@ -237,8 +238,9 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         rows.append((f"{name}, {note}", f"{after['pipeline']:.0f}", f"{after['bare']:.0f}", "", "", None))
 
     jobs = len(os.sched_getaffinity(0))
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     lines = [
-        f"`pipeline label` against benchmarks/bare_label.py on {platform.machine()}, {jobs} cores, "
+        f"`pipeline label` against benchmarks/bare_label.py on {platform.machine()}, {jobs} cores ({load}), "
         f"{time.strftime('%Y-%m-%d')}: {args.rounds} interleaved rounds, median (slowest-fastest round). "
         f"PNG model {args.png_model.name} ({size[0]}x{size[1]}), photo model {args.photo_model.name}; "
         f"cold starts on the photo model, one 512x600 photo saved as each format; "

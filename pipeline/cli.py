@@ -1,9 +1,10 @@
 """The `pipeline` command's entry point: runs a command line, and turns user errors into one line on stderr.
 
 The options, help and usage errors are click's, in pipeline/commands.py. A plain `pipeline label ...` is read
-without click (pipeline/label.py), because importing click alone costs ~40 ms of a ~200 ms start-up; anything
+without click, from the same table of options (pipeline/label.py's LABEL_OPTIONS): its cold start is held within
+1.1x of a bare LiteRT script (benchmarks/label_bench.py), and importing click would spend much of that. Anything
 that reader does not know, help included, goes to click. Heavy modules (TensorFlow) are imported inside the
-commands that need them, and pathlib waits too: it costs ~10 ms at start-up.
+commands that need them, and pathlib waits too.
 """
 
 from __future__ import annotations
