@@ -143,6 +143,12 @@ def parse_label_args(args: list[str]) -> dict | None:
     return {"images": images, **options} if images else None
 
 
+# Where RunDir.bundle() puts bundles, as a glob under runs_dir. The one run path spelled outside train/rundir.py
+# (tests/test_layout.py checks the two agree): importing train.rundir (YAML, dataclasses, pathlib) would cost a
+# cold `pipeline label` more than its whole margin over a bare LiteRT script.
+BUNDLES_IN_RUNS = "*/export/*.tflite"
+
+
 def newest_bundle(runs_dir: str = "runs") -> str:
     """The most recently written bundle under runs/*/export/ (glob skips the hidden temp files; links to
     nothing, folders and other special files are skipped too)."""
@@ -150,7 +156,7 @@ def newest_bundle(runs_dir: str = "runs") -> str:
     import stat
 
     found = []
-    for path in glob.glob(os.path.join(runs_dir, "*", "export", "*.tflite")):
+    for path in glob.glob(os.path.join(runs_dir, BUNDLES_IN_RUNS)):
         try:
             info = os.stat(path)
         except OSError:

@@ -112,3 +112,63 @@ def test_the_import_graph_has_the_modules_and_their_arrows():
 def test_no_import_cycle_between_modules():
     cycle = find_cycle(imported_modules())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Every file and folder of a run directory: train/rundir.py's RunDir spells them, no other module of ours.
+RUN_FILE_NAMES = {
+    "config.yaml",
+    "data.json",
+    "best.keras",
+    "metrics.json",
+    "metrics.csv",
+    "summary.json",
+    "curves.png",
+    "confusion_matrix.png",
+    "tensorboard",
+    "membership.csv",
+    "checkpoints",
+    "export",
+    "quantize_report.json",
+    "position.json",
+    "moving_stats.npz",
+}
+
+
+def spelled_run_files(path: Path) -> set[str]:
+    """The run file names that string literals in `path` spell (a literal equal to one, or ending in /<name>);
+    docstrings, which describe the layout, are left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found |= {name for name in RUN_FILE_NAMES if node.value == name or node.value.endswith("/" + name)}
+    return found
+
+
+def test_only_rundir_spells_a_run_files_name():
+    owner = ROOT / "train" / "rundir.py"
+    assert spelled_run_files(owner) == RUN_FILE_NAMES  # the list above is the run directory's
+    for package in ALLOWED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path != owner and "vendored" not in path.parts and "node_modules" not in path.parts:
+                spelled = spelled_run_files(path)
+                assert not spelled, f"{path.relative_to(ROOT)} spells {sorted(spelled)}: use train.rundir.RunDir"
+
+
+def test_pipeline_labels_newest_bundle_looks_where_rundir_puts_bundles():
+    """pipeline/label.py's one exception, kept for start-up time: its glob finds RunDir's bundles, nothing else."""
+    from pipeline.label import BUNDLES_IN_RUNS
+    from train.rundir import RunDir
+
+    runs = Path("runs")
+    bundle = RunDir(runs / "exp").bundle("int8")
+    assert bundle.relative_to(runs).match(BUNDLES_IN_RUNS)
+    assert not (runs / "exp" / "best.keras").relative_to(runs).match(BUNDLES_IN_RUNS)
