@@ -10,8 +10,8 @@ absent (None), as in a bundle made by other tools or a model evaluated before it
 present it must have its type. A document's unknown fields are ignored.
 
 NamedTuples, not dataclasses, for start-up time: `pipeline label` loads this module, and `dataclasses` imports
-`inspect` (importing it took 8-48 ms on the shared 2-core machine, where making these four classes took 1.2 ms);
-`typing` is loaded already.
+`inspect`, which that command otherwise never loads (many times the cost of these four classes); `typing` is
+loaded already.
 """
 
 from __future__ import annotations
