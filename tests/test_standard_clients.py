@@ -249,7 +249,7 @@ def test_standard_clients_take_pipeline_samples_as_written(bundles, fmnist_image
 
 def test_label_image_gives_pipeline_labels_top5(bundle_family, tmp_path):
     """TensorFlow's own label_image.py with `-l labels.txt --input_mean 0 --input_std 1`: the bundle's labels
-    (here read from the labels.txt packed in it) and raw pixels, as the README says. It runs TensorFlow 2.18's
+    (here read from the labels.txt packed in it) and raw pixels, as docs/clients.md says. It runs TensorFlow 2.18's
     XNNPACK, an older one than ai-edge-litert's, whose int8 kernels depend on the CPU: on one with AMX, the int8
     Fashion-MNIST bundle whose grey conversion ran in int8 gave Sneaker 0.248 where other runtimes gave Ankle boot
     0.555. int8 scores are held to INT8_KERNELS_TOLERANCE; the message names the CPU's features."""
