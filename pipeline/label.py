@@ -13,6 +13,7 @@ import sys
 import time
 from typing import NamedTuple
 
+from pipeline.output import printable
 from serve.bundle import MAX_NUM_THREADS
 from serve.errors import PipelineError
 
@@ -235,7 +236,6 @@ def label_images(
     An image or folder that cannot be used is one `Error:` line on stderr (with --json, a line with an "error")
     and the others are still labelled; returns the exit code: 1 when anything failed, else 0.
     """
-    from pipeline.output import printable
     from serve import Classifier
     from serve.files import shown
 
