@@ -120,7 +120,8 @@ def test_pretrained_run_directory_needs_no_horovod(tmp_path):
         "from pipeline.tensorflow_env import prepare\n"
         "prepare()\n"
         "from train.pretrained import create_run\n"
-        f"create_run(Path({str(tmp_path / 'lite0')!r}))\n"
+        "from train.rundir import RunDir\n"
+        f"create_run(RunDir(Path({str(tmp_path / 'lite0')!r})))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
