@@ -95,7 +95,7 @@ class Summary:
     val_accuracy: float | None
     test_accuracy: float | None
     data_fingerprint: str
-    normalization: dict  # {"mean": [...], "std": [...]}: the model's first layer, what bundles say they expect
+    normalization: dict  # {"mean": 127.0, "std": 128.0}: the model's first layer, what bundles say they expect
     versions: dict  # python, tensorflow, tf_keras, numpy
     train_seconds: float | None = None
     # Where the time went: loading data, building the model (and restoring it), model.fit (with validation and
