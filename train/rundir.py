@@ -118,11 +118,6 @@ class RunDir:
         """The run directory a config names: <runs_dir>/<name>."""
         return cls(Path(config["runs_dir"]) / config["name"])
 
-    @staticmethod
-    def bundles_under(runs_dir: str | Path) -> list[Path]:
-        """Every bundle file of every run in runs_dir (glob skips hidden temp files)."""
-        return [Path(path) for path in Path(runs_dir).glob("*/export/*.tflite")]
-
     def __str__(self) -> str:
         return str(self.path)
 
