@@ -21,8 +21,8 @@ LABEL_IMAGE_MEAN = 127.5
 LABEL_IMAGE_STD = 127.5
 INPUT_DTYPES = (np.float32, np.uint8, np.int8)
 # The most input bytes classify_many runs at once. XNNPACK gains next to nothing from larger batches on a CPU, and a
-# batch whose activations outgrow the caches runs slower (EfficientNet-Lite0 at 224x224 int8: 2.0 ms an image
-# alone, 3.3 ms an image in batches of 32, and 0.2 s to plan the larger shape).
+# batch whose activations outgrow the caches runs slower per image (EfficientNet-Lite0 at 224x224 int8 in batches
+# of 32, for one), besides the time to plan the larger shape.
 BATCH_BYTES = 256 * 1024
 
 

@@ -1,6 +1,7 @@
 """The one preprocessing function shared by training and serving.
 
-(serve/ avoids pathlib on purpose: importing it costs ~10 ms, a tenth of `pipeline label`'s cold start.)
+(serve/ avoids pathlib on purpose: importing it is a noticeable part of `pipeline label`'s cold start, which
+benchmarks/label_bench.py holds within 1.1x of a bare LiteRT script.)
 
 Decode -> first frame -> EXIF orientation -> colour mode -> resize to the model's input, as uint8.
 Normalisation is not here: it is a layer inside every model, so every client feeds plain pixels.

@@ -21,7 +21,7 @@ _STDERR_LOCK = threading.RLock()  # nested: the inner block's lines pass through
 def stderr_without(noise: Callable[[bytes], bool]) -> Iterator[None]:
     """Run the block with file descriptor 2 going into a pipe, then pass on every line written there for which
     `noise(line)` (the line without its end) is false. (A pipe and a thread that drains it, rather than a
-    temporary file: importing tempfile would cost `pipeline label` 3 ms.)"""
+    temporary file: importing tempfile would add to `pipeline label`'s cold start.)"""
     with _STDERR_LOCK:
         if sys.stderr is not None:
             sys.stderr.flush()

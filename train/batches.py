@@ -25,7 +25,7 @@ from train import distributed
 from train.data import Dataset
 
 # tf.data functions traced as written, without autograph: they branch on Python values only, and converting their
-# source costs ~0.3 s of CPU (more on a loaded machine) before the first epoch.
+# source costs CPU time before the first epoch.
 _as_written = tf.autograph.experimental.do_not_convert
 
 

@@ -1,8 +1,9 @@
 """Plots people would rather look at than read: training curves and the confusion matrix.
 
-Drawn with Pillow, which reads the images anyway: both plots take ~50 ms, where matplotlib took ~0.55 s of CPU (its
-import alone 0.24 s), most of what `pipeline train` cost over a plain Keras script. A plot is drawn at SCALE times
-its size and scaled down, which smooths its lines and letters the way an anti-aliasing renderer would."""
+Drawn with Pillow, which reads the images anyway: matplotlib, its import alone, was most of what `pipeline train`
+cost over a plain Keras script (benchmarks/train_bench.py compares pipeline train with such a script). A plot is
+drawn at SCALE times its size and scaled down, which smooths its lines and letters the way an anti-aliasing
+renderer would."""
 
 from __future__ import annotations
 

@@ -425,7 +425,7 @@ def _class_model(model):
 
 def _predicted_classes(classes, x: np.ndarray) -> np.ndarray:
     """The top class (`classes` is a `_class_model`) for each image of `x`, batch by batch, in one Keras predict
-    loop (a Python loop of predict_on_batch costs ~25% more)."""
+    loop (a Python loop of predict_on_batch is slower: it pays Keras' per-call overhead on every batch)."""
     return classes.predict(image_batches(x, 256), verbose=0)
 
 
@@ -469,8 +469,9 @@ class Agreement(keras.callbacks.Callback):
       batch, and the run stops (StoppedError); at the epoch's end it stops after RunWriter's checkpoint;
     - whether rank 0's clock says a periodic checkpoint is due (checkpoint_minutes): `save_inside_epoch`, go on.
 
-    The allreduce costs 1.4-2.7 ms on 2 CPU workers: every batch it would be ~2% of a small CNN's 72 ms 2-worker
-    step. A job thus stops up to AGREE_EVERY - 1 batches after a bad batch or a signal, all workers at one batch.
+    Every AGREE_EVERY batches rather than every batch: the allreduce is a small but fixed cost per step, which a
+    small CNN's short step feels (benchmarks/preemption_bench.py measures the check's share). A job thus stops up
+    to AGREE_EVERY - 1 batches after a bad batch or a signal, all workers at one batch.
     Batches are numbered within the epoch from `start.batches` in `start.epoch` (a resumed epoch), from 0 after."""
 
     _supports_tf_logs = True  # only the loss is read: the other metrics stay tensors, not copied every batch
@@ -616,7 +617,7 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
 class EpochTensorBoard(keras.callbacks.TensorBoard):
     """Keras' TensorBoard callback without its batch hooks. With update_freq "epoch" (the default) they write
     nothing, but once any callback has batch hooks (StopOnNonFiniteLoss, the elastic ones) Keras calls them on
-    every callback, and TensorBoard's builds a summary op per metric each batch (~0.3 ms a batch, measured)."""
+    every callback, and TensorBoard's builds a summary op per metric each batch."""
 
     def on_train_batch_begin(self, batch, logs=None):
         pass
@@ -627,10 +628,10 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
 
 class RunWriter(keras.callbacks.Callback):
     """After each epoch: metrics, then the checkpoint (last, so that a checkpoint's existence implies everything
-    before it was written), in ~1% of an epoch. Two costlier things wait until training ends (`_finish`):
-    best.keras (`model.save` costs ~3x a checkpoint; until then the best epoch's checkpoint holds the best model,
-    kept however many newer ones there are, so a resumed run still has it) and the curves (~30 ms, as long as all the
-    rest; `_curves_on_failure` draws them when training stops early)."""
+    before it was written). Two costlier things wait until training ends (`_finish`): best.keras (`model.save`
+    costs several checkpoints; until then the best epoch's checkpoint holds the best model, kept however many newer
+    ones there are, so a resumed run still has it) and the curves (as long as all the rest; `_curves_on_failure`
+    draws them when training stops early)."""
 
     def __init__(
         self,
