@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import click
 
+from pipeline.evaluate import EVALUATE_OPTIONS
 from pipeline.label import LABEL_OPTIONS, MODEL_FILE, Option, newest_bundle
 from quantize import MODES
 from serve.bundle import MAX_NUM_THREADS
@@ -309,6 +310,31 @@ def label(images, more_images, **options) -> None:
     exit_code = label_images(images, **options)
     if exit_code:
         sys.exit(exit_code)
+
+
+def evaluate_options(command: Callable) -> Callable:
+    """The options of pipeline/evaluate.py's EVALUATE_OPTIONS, in its order."""
+    for option in reversed(EVALUATE_OPTIONS):
+        command = click_option(option)(command)
+    return command
+
+
+@cli.command()
+@click.argument("folder")
+@evaluate_options
+def evaluate(folder, **options) -> None:
+    """How good are bundles on your labelled images? FOLDER holds one sub-folder of images per class.
+
+    Sub-folders are matched to the bundle's labels by name, case, spaces and punctuation aside (t_shirt_top is
+    "T-shirt/top"); images are found at any depth. Prints top-1, top-5, per-class precision, recall, F1 and
+    support with their macro and weighted averages, the most confused pairs and the images scored lowest for
+    their true class; several -m bundles side by side, with their top-1 agreement. Writes evaluation.json and
+    a confusion matrix PNG per bundle to --out. Folders named after no label, and images that cannot be used,
+    are counted and named, not a failure. No TensorFlow needed.
+    """
+    from pipeline.evaluate import evaluate_folder
+
+    sys.exit(evaluate_folder(folder, **options))
 
 
 @cli.command()

@@ -1,0 +1,452 @@
+"""`pipeline evaluate`'s work: how good are these bundles on a folder of labelled images (one sub-folder per class)?
+
+Runs with the serving install alone (numpy, Pillow, ai-edge-litert): images are decoded by pipeline label's path
+(threads decoding the next batches while the model runs this one), once per input size however many bundles take
+it, and the metrics are serve/metrics.py's. The confusion matrices are drawn with Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import NamedTuple
+
+from pipeline.label import BATCH_SIZE, LABEL_OPTIONS, Option, Progress, default_jobs, image_files, newest_bundle
+from pipeline.output import printable
+from serve.errors import PipelineError
+
+TOP_K = 5
+# How many skipped files and folders the text output names; --json and evaluation.json name them all.
+NAMED_SKIPPED = 5
+
+EVALUATE_OPTIONS = (
+    Option(
+        ("-m", "--model_file"),
+        "model_files",
+        str,
+        "A .tflite bundle; repeat to compare several on the same images. Default: the newest bundle under runs/.",
+        multiple=True,
+    ),
+    Option(
+        ("--out",),
+        "out",
+        str,
+        "Folder for evaluation.json and the confusion matrices (PNG). Default: runs/evaluate/<FOLDER's name>.",
+    ),
+    Option(
+        ("--worst",),
+        "worst",
+        int,
+        "How many of the most confused pairs and of the worst-scored images to list.",
+        default=10,
+        minimum=0,
+    ),
+    *(option for option in LABEL_OPTIONS if option.keyword in ("num_threads", "jobs", "ignore_checksum")),
+    Option(("--json",), "as_json", bool, "Print one JSON object (what evaluation.json holds) instead.", default=False),
+)
+
+
+class Samples(NamedTuple):
+    """The images of a class folder tree: paths, their true class indices, and what was left out."""
+
+    paths: list[str]
+    labels: list[int]
+    unknown_folders: list[str]  # class folders whose names are none of the labels
+    loose_images: list[str]  # images directly in the folder, in no class folder
+    unusable: list[dict]  # {"path", "error"}: folders that cannot be read or hold no image; images that fail
+
+
+def label_key(name: str) -> str:
+    """A class name as folder names spell it: case, spaces and punctuation aside ("T-shirt/top" is t_shirt_top)."""
+    return "_".join(re.findall(r"[^\W_]+", name.casefold()))
+
+
+def class_samples(folder: str, labels: list[str]) -> Samples:
+    """The images under each sub-folder of `folder` (at any depth) whose name is one of `labels`, exactly or
+    as label_key spells it (where that names one label only)."""
+    keys: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        keys.setdefault(label_key(label), []).append(index)
+    by_name = {label: index for index, label in enumerate(labels)}
+    by_name |= {key: found[0] for key, found in keys.items() if len(found) == 1 and key not in by_name}
+    try:
+        entries = sorted((entry.name, entry.is_dir()) for entry in os.scandir(folder) if not entry.name.startswith("."))
+    except FileNotFoundError:
+        raise PipelineError(f"{folder}: no such folder") from None
+    except NotADirectoryError:
+        raise PipelineError(f"{folder}: not a folder (want one sub-folder of images per class)") from None
+    except OSError as err:
+        raise PipelineError(f"{folder}: cannot read the folder ({err.strerror})") from None
+    from serve.preprocess import IMAGE_EXTENSIONS
+
+    samples = Samples([], [], [], [], [])
+    for name, is_dir in entries:
+        path = os.path.join(folder, name)
+        if not is_dir:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                samples.loose_images.append(path)
+            continue
+        index = by_name.get(name, by_name.get(label_key(name)))
+        if index is None:
+            samples.unknown_folders.append(path)
+            continue
+        try:
+            found = image_files(path)
+        except PipelineError as err:
+            samples.unusable.append({"path": path, "error": str(err)})
+            continue
+        samples.paths.extend(found)
+        samples.labels.extend([index] * len(found))
+    return samples
+
+
+class Ranked(NamedTuple):
+    """One bundle's results on the usable images: the top classes of each, best first, their scores, and the
+    score of the true class."""
+
+    top: object  # np.ndarray (N, k) of class indices
+    top_scores: object  # np.ndarray (N, k)
+    true_scores: object  # np.ndarray (N,)
+
+
+def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: int) -> tuple[list[Ranked], dict]:
+    """Each classifier's Ranked on the images of `paths` that every one of them could use, and the ImageError of
+    each that could not be used, by its index in `paths`. Images are decoded once per input shape, in batches,
+    by `jobs` threads."""
+    import math
+
+    import numpy as np
+
+    from serve.classifier import BATCH_BYTES
+    from serve.preprocess import pixels_in_chunks
+
+    count, k = len(paths), min(TOP_K, classifiers[0].num_classes)
+    truth = np.asarray(labels, dtype=np.int64)
+    top = [np.zeros((count, k), np.int64) for _ in classifiers]
+    top_scores = [np.zeros((count, k), np.float32) for _ in classifiers]
+    true_scores = [np.zeros(count, np.float32) for _ in classifiers]
+    errors: dict[int, PipelineError] = {}
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for i, classifier in enumerate(classifiers):
+        shapes.setdefault((classifier.height, classifier.width, classifier.channels), []).append(i)
+    progress = Progress(count * len(shapes))
+    for shape, group in shapes.items():
+        batch_size = max(1, min(BATCH_SIZE, BATCH_BYTES // math.prod(shape)))
+        chunk_size = max(1, min(batch_size, math.ceil(count / jobs)))
+        start = 0
+        for chunk in pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size):
+            at = [start + j for j, item in enumerate(chunk) if not isinstance(item, PipelineError)]
+            errors.update((start + j, item) for j, item in enumerate(chunk) if isinstance(item, PipelineError))
+            if at:
+                pixels = np.stack([chunk[j - start] for j in at])
+                for i in group:
+                    scores = classifiers[i].predict(pixels)
+                    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                    top[i][at] = ranked
+                    top_scores[i][at] = np.take_along_axis(scores, ranked, 1)
+                    true_scores[i][at] = scores[np.arange(len(at)), truth[at]]
+            for _ in chunk:
+                progress.advance()
+            start += len(chunk)
+    progress.clear()
+    usable = np.setdiff1d(np.arange(count), list(errors))
+    results = [Ranked(t[usable], s[usable], r[usable]) for t, s, r in zip(top, top_scores, true_scores)]
+    return results, errors
+
+
+def bundle_report(ranked: Ranked, truth, paths: list[str], names: list[str], worst: int) -> dict:
+    """One bundle's figures: top-1 and top-5, serve/metrics.py's report, the confusion matrix over the classes in
+    the report, the `worst` most confused pairs and the `worst` images scored lowest for their true class."""
+    import numpy as np
+
+    from serve.files import shown
+    from serve.metrics import classification_report, confusion_matrix
+
+    predicted = ranked.top[:, 0]
+    report = classification_report(truth, predicted, names)
+    classes = [names.index(name) for name in report["per_class"]]
+    matrix = confusion_matrix(truth, predicted, len(names))[np.ix_(classes, classes)]
+    off_diagonal = matrix - np.diag(np.diag(matrix))
+    order = np.argsort(-off_diagonal, axis=None, kind="stable")[:worst]
+    pairs = []
+    for row, column in zip(*np.unravel_index(order, matrix.shape)):
+        if off_diagonal[row, column]:
+            pairs.append(
+                {
+                    "true": names[classes[row]],
+                    "predicted": names[classes[column]],
+                    "count": int(matrix[row, column]),
+                    "share": float(matrix[row, column] / matrix[row].sum()),
+                }
+            )
+    lowest = np.argsort(ranked.true_scores, kind="stable")[:worst]
+    return {
+        "top1": report["accuracy"],
+        # As the quantize report: with 5 classes or fewer, every image is right in its top 5.
+        "top5": float(np.mean(np.any(ranked.top == truth[:, None], axis=1))) if len(names) > TOP_K else None,
+        "per_class": report["per_class"],
+        "macro": report["macro"],
+        "weighted": report["weighted"],
+        "confusion_matrix": {"classes": [names[c] for c in classes], "matrix": matrix.tolist()},
+        "confused_pairs": pairs,
+        "worst_scored": [
+            {
+                "image": shown(paths[i]),
+                "label": names[truth[i]],
+                "score": float(ranked.true_scores[i]),
+                "predicted": names[ranked.top[i, 0]],
+                "predicted_score": float(ranked.top_scores[i, 0]),
+            }
+            for i in lowest.tolist()
+        ],
+    }
+
+
+def bundle_names(model_files: list[str]) -> list[str]:
+    """What the output calls each bundle: its file name without .tflite, or its path where two names clash."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in model_files]
+    return stems if len(set(stems)) == len(stems) else list(model_files)
+
+
+def evaluate_folder(
+    folder: str,
+    *,
+    model_files: list[str],
+    out: str | None,
+    worst: int,
+    num_threads: int | None,
+    jobs: int | None,
+    ignore_checksum: bool,
+    as_json: bool,
+) -> int:
+    """Evaluate each bundle of `model_files` (default: the newest under runs/) on the class folders of `folder`;
+    print the figures (text or one JSON object), write evaluation.json and a confusion matrix PNG per bundle
+    to `out`. Returns the exit code, 0: what could not be used is reported, not a failure."""
+    import json
+
+    import numpy as np
+
+    from serve import Classifier
+    from serve.files import shown, write_atomic
+
+    model_files = list(model_files) or [newest_bundle()]
+    if len(set(model_files)) != len(model_files):
+        raise PipelineError(f"{model_files[0]}: the same bundle given twice")
+    classifiers = [
+        Classifier(path, num_threads=num_threads, verify_checksum=not ignore_checksum) for path in model_files
+    ]
+    names = list(classifiers[0].labels)
+    for classifier in classifiers[1:]:
+        if list(classifier.labels) != names:
+            raise PipelineError(
+                f"{classifier.model_path}: its labels differ from {classifiers[0].model_path}'s; "
+                "bundles compared side by side must share their labels"
+            )
+    samples = class_samples(folder, names)
+    ranked, errors = run_bundles(classifiers, samples.paths, samples.labels, jobs or default_jobs())
+    unusable = samples.unusable + [{"path": samples.paths[i], "error": str(err)} for i, err in sorted(errors.items())]
+    usable = [i for i in range(len(samples.paths)) if i not in errors]
+    if not usable:
+        raise PipelineError(f"{folder}: {_nothing_usable(samples, unusable, names)}")
+    paths = [samples.paths[i] for i in usable]
+    truth = np.asarray(samples.labels, dtype=np.int64)[usable]
+    out = out or os.path.join("runs", "evaluate", os.path.basename(os.path.abspath(folder)))
+    json_file = os.path.join(out, "evaluation.json")
+
+    shown_names = bundle_names(model_files)
+    bundles = {}
+    for name, classifier, result in zip(shown_names, classifiers, ranked):
+        report = bundle_report(result, truth, paths, names, worst)
+        png = os.path.join(out, f"confusion_{_file_name(name)}.png")
+        title = f"{name}, {len(paths)} images: rows true, columns predicted"
+        write_png(png, confusion_image(report["confusion_matrix"], title))
+        bundles[name] = {"model": shown(classifier.model_path), **report, "confusion_png": shown(png)}
+    agreement = [
+        {
+            "bundles": [shown_names[a], shown_names[b]],
+            "top1_agreement": float(np.mean(ranked[a].top[:, 0] == ranked[b].top[:, 0])),
+            "differ": int(np.sum(ranked[a].top[:, 0] != ranked[b].top[:, 0])),
+        }
+        for a in range(len(ranked))
+        for b in range(a + 1, len(ranked))
+    ]
+    evaluation = {
+        "folder": shown(folder),
+        "images": len(paths),
+        "classes": sorted({names[i] for i in truth.tolist()}, key=names.index),
+        "skipped": {
+            "unknown_folders": [shown(path) for path in samples.unknown_folders],
+            "loose_images": [shown(path) for path in samples.loose_images],
+            "unusable": [{"path": shown(item["path"]), "error": shown(item["error"])} for item in unusable],
+        },
+        "bundles": bundles,
+        "agreement": agreement,
+        "json": shown(json_file),
+    }
+    write_atomic(json_file, json.dumps(evaluation, indent=2) + "\n")
+    sys.stdout.write(json.dumps(evaluation) + "\n" if as_json else format_evaluation(evaluation, names, worst))
+    return 0
+
+
+def _nothing_usable(samples: Samples, unusable: list[dict], names: list[str]) -> str:
+    """Why no image could be used, in a few words."""
+    if samples.paths:
+        return f"none of its {len(samples.paths)} images could be used (first: {unusable[-1]['error']})"
+    if samples.unknown_folders:
+        return (
+            f"no sub-folder is named after one of the bundle's {len(names)} labels "
+            f"(found {', '.join(os.path.basename(p) for p in samples.unknown_folders[:NAMED_SKIPPED])}; "
+            f"labels: {', '.join(names[:NAMED_SKIPPED])}{', ...' if len(names) > NAMED_SKIPPED else ''})"
+        )
+    return "no images in class sub-folders (want one sub-folder of images per class, named after its label)"
+
+
+def _file_name(name: str) -> str:
+    """A bundle's shown name as a file name: a path's separators and dots as underscores."""
+    return re.sub(r"[^\w-]+", "_", name).strip("_") or "bundle"
+
+
+def format_evaluation(evaluation: dict, labels: list[str], worst: int) -> str:
+    """The printed report (`labels`: the bundles' labels): the bundles side by side, then each bundle's confusions
+    and worst images."""
+    bundles = evaluation["bundles"]
+    names = list(bundles)
+    first = bundles[names[0]]
+    lines = [
+        f"{evaluation['images']} images of {len(evaluation['classes'])} classes in {printable(evaluation['folder'])}",
+        "",
+    ]
+    width = max(12, *map(len, names))
+    name_width = max(12, *(len(printable(c)) for c in first["per_class"]))
+    lines.append(f"{'':<{name_width}}  " + "  ".join(f"{name:>{width}}" for name in names))
+    for key, title in (("top1", "top-1"), ("top5", "top-5")):
+        values = [bundles[name][key] for name in names]
+        if values[0] is not None:
+            lines.append(f"{title:<{name_width}}  " + "  ".join(f"{v:>{width}.4f}" for v in values))
+    for key in ("macro", "weighted"):
+        lines.append(
+            f"{key + ' F1':<{name_width}}  " + "  ".join(f"{bundles[n][key]['f1']:>{width}.4f}" for n in names)
+        )
+    for pair in evaluation["agreement"]:
+        a, b = pair["bundles"]
+        lines.append(f"top-1 agreement, {a} and {b}: {pair['top1_agreement']:.4f} ({pair['differ']} images differ)")
+    lines.append("")
+
+    group = "  precision  recall      f1"
+    if len(names) > 1:
+        span = len(group) - 2
+        lines.append(f"{'':<{name_width}}  {'':>7}" + "".join(f"  {name[:span]:^{span}}" for name in names))
+    lines.append(f"{'class':<{name_width}}  {'support':>7}" + group * len(names))
+    # Every class some bundle reports: one found only in another bundle's predictions has no row in this one's.
+    reported = {c: bundles[n]["per_class"][c]["support"] for n in names for c in bundles[n]["per_class"]}
+    rows = [(printable(c), reported[c], c) for c in labels if c in reported]
+    rows += [(f"{key} avg", first[key]["support"], key) for key in ("macro", "weighted")]
+    for title, support, key in rows:
+        cells = ""
+        for name in names:
+            row = bundles[name]["per_class"].get(key) or bundles[name].get(key)
+            if row is None:  # a class only another bundle predicted
+                cells += f"  {'-':>9}  {'-':>6}  {'-':>6}"
+            else:
+                cells += f"  {row['precision']:>9.4f}  {row['recall']:>6.4f}  {row['f1']:>6.4f}"
+        lines.append(f"{title:<{name_width}}  {support:>7}{cells}")
+
+    for name in names:
+        bundle = bundles[name]
+        heading = f"{name}: " if len(names) > 1 else ""
+        if worst and bundle["confused_pairs"]:
+            lines += ["", f"{heading}most confused, true -> predicted (share of the true class):"]
+            for pair in bundle["confused_pairs"]:
+                what = f"{printable(pair['true'])} -> {printable(pair['predicted'])}"
+                lines.append(f"  {what:<{2 * name_width}}  {pair['count']:>6}  {100 * pair['share']:5.1f}%")
+        if worst:
+            lines += ["", f"{heading}worst-scored images, score of the true class:"]
+            for item in bundle["worst_scored"]:
+                lines.append(
+                    f"  {printable(item['image'])}  {printable(item['label'])} {item['score']:.4f}, "
+                    f"predicted {printable(item['predicted'])} {item['predicted_score']:.4f}"
+                )
+    lines += ["", *_skipped_lines(evaluation["skipped"])]
+    files = [bundles[name]["confusion_png"] for name in names] + [evaluation["json"]]
+    lines.append(f"wrote {', '.join(printable(path) for path in files)}")
+    return "\n".join(lines) + "\n"
+
+
+def _skipped_lines(skipped: dict) -> list[str]:
+    """What was left out, counted, with the first few named."""
+
+    def named(paths: list[str]) -> str:
+        more = f", and {len(paths) - NAMED_SKIPPED} more" if len(paths) > NAMED_SKIPPED else ""
+        return ", ".join(printable(p) for p in paths[:NAMED_SKIPPED]) + more
+
+    lines = []
+    if skipped["unknown_folders"]:
+        count = len(skipped["unknown_folders"])
+        lines.append(f"skipped {count} folder(s) not named after a label: {named(skipped['unknown_folders'])}")
+    if skipped["loose_images"]:
+        count = len(skipped["loose_images"])
+        lines.append(f"skipped {count} image(s) outside the class folders: {named(skipped['loose_images'])}")
+    if skipped["unusable"]:
+        lines.append(f"skipped {len(skipped['unusable'])} that could not be used:")
+        lines += [f"  {printable(item['error'])}" for item in skipped["unusable"][:NAMED_SKIPPED]]
+        if len(skipped["unusable"]) > NAMED_SKIPPED:
+            lines.append(f"  and {len(skipped['unusable']) - NAMED_SKIPPED} more (evaluation.json names them all)")
+    return lines
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow 10.0: only the fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def confusion_image(confusion: dict, title: str):
+    """The confusion matrix as a PIL image: rows the true class, columns the predicted one, each cell shaded by
+    its share of the row (the class's images) and showing its count where the cells are large enough."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    matrix = np.asarray(confusion["matrix"], dtype=np.int64)
+    classes = [printable(name) for name in confusion["classes"]]
+    count = len(classes)
+    cell = int(np.clip(900 // max(count, 1), 4, 48))
+    text_size = max(8, min(14, cell // 3))
+    font, small = _font(14), _font(text_size)
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_width = (max(int(measure.textlength(name, font=font)) for name in classes) + 12) if cell >= 12 else 0
+    left, top = label_width + 30, 40
+    size = (left + count * cell + 20, top + count * cell + label_width + 30)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black", font=font)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    for row in range(count):
+        for column in range(count):
+            share = float(shares[row, column])
+            shade = tuple(int(255 - share * (255 - c)) for c in (31, 84, 160))
+            x, y = left + column * cell, top + row * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=shade)
+            if cell >= 24 and matrix[row, column]:
+                text = str(matrix[row, column])
+                color = "white" if share > 0.5 else "black"
+                draw.text((x + cell / 2, y + cell / 2), text, fill=color, font=small, anchor="mm")
+    if label_width:
+        for i, name in enumerate(classes):
+            y = top + i * cell + cell / 2
+            draw.text((left - 6, y), name, fill="black", font=font, anchor="rm")
+            # Column labels, written sideways below the matrix.
+            label = Image.new("L", (label_width, cell), 0)
+            ImageDraw.Draw(label).text((label_width - 6, cell / 2), name, fill=255, font=font, anchor="rm")
+            image.paste("black", (left + i * cell, top + count * cell + 6), label.rotate(90, expand=True))
+    return image
+
+
+def write_png(path: str, image) -> None:
+    from serve.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
