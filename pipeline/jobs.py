@@ -123,13 +123,15 @@ def quantize_run(
 
 def export_pretrained(
     *,
+    model: str = "efficientnet_lite0",
     name: str = "efficientnet_lite0",
     modes: Sequence[str] = ("int8", "float16"),
     calibration_dirs: Sequence[str | Path] = (),
     num_threads: int = 1,
     runs_dir: str | Path = "runs",
 ) -> dict:
-    """EfficientNet-Lite0 with its ImageNet weights as bundles in runs_dir/name/export/, and the report.
+    """EfficientNet-Lite `model` (efficientnet_lite0, 1 or 2) with its ImageNet weights as bundles in
+    runs_dir/name/export/, and the report.
 
     int8 is calibrated on views of the photos that installed packages ship, plus every image in `calibration_dirs`;
     each bundle is compared with float32 on the whole sample photos and on crops of them that calibration did not
@@ -139,19 +141,20 @@ def export_pretrained(
         raise ConfigError(f"name={name!r}: must name a directory inside {runs_dir} (no '/', no leading '.')")
     prepare()
     from quantize.export import QuantizeData, export_bundles
-    from train.efficientnet_lite import imagenet_labels
+    from train.efficientnet_lite import imagenet_labels, input_size
     from train.pretrained import calibration_images, create_run, held_out_crops, sample_photo_pixels
 
     run = RunDir(Path(runs_dir) / name)
     with run.lock("exporting"):
-        create_run(run)
+        create_run(run, model)
+        size = input_size(model)
         data = QuantizeData(
             class_names=imagenet_labels(),
-            calibration=calibration_images([Path(d) for d in calibration_dirs]),
-            eval_x=sample_photo_pixels(),
+            calibration=calibration_images(size, [Path(d) for d in calibration_dirs]),
+            eval_x=sample_photo_pixels(size),
             eval_y=None,
             eval_split="sample photo",
-            holdout_x=held_out_crops(),
+            holdout_x=held_out_crops(size),
         )
         trained = trained_run(run, modes)
         return export_bundles(trained, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)

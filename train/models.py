@@ -1,5 +1,5 @@
 """The models to train: a small fast CNN (the default for 28x28 data), MobileNetV2 with a width multiplier,
-and EfficientNet-Lite0 (train/efficientnet_lite.py), from scratch or from ImageNet weights.
+and EfficientNet-Lite0, Lite1 or Lite2 (train/efficientnet_lite.py), from scratch or from ImageNet weights.
 
 Every model takes raw pixels (0..255, float32, NHWC) and normalises them itself, so every client feeds
 the same plain pixels. Plain tf_keras layers only: tfmot's QAT and the TFLite converter both need that.
@@ -15,7 +15,7 @@ from train import efficientnet_lite
 NORMALIZATION = {
     "small_cnn": (0.0, 255.0),
     "mobilenet_v2": (127.5, 127.5),
-    "efficientnet_lite0": (efficientnet_lite.MEAN, efficientnet_lite.STD),
+    **{name: (efficientnet_lite.MEAN, efficientnet_lite.STD) for name in efficientnet_lite.VARIANTS},
 }
 # tf_keras' MobileNetV2 uses BatchNorm momentum 0.999; after a short run its moving statistics are still
 # far from the data and evaluation sits near chance. 0.9 follows the data within a few hundred steps.
@@ -34,7 +34,7 @@ def build_model(
 ):
     """A compiled-ready tf_keras model ending in softmax over `num_classes`.
 
-    `pretrained` (efficientnet_lite0 only): ImageNet weights in a frozen backbone under a new head, the
+    `pretrained` (efficientnet_lite0, 1 and 2 only): ImageNet weights in a frozen backbone under a new head, the
     transfer learning of MediaPipe Model Maker; `fine_tune_blocks` lets the top MBConv blocks (and the 1x1
     head) train too.
     """
@@ -46,10 +46,10 @@ def build_model(
     elif name == "mobilenet_v2":
         x = _mobilenet_v2(x, input_size, channels, width, dropout)
     else:
-        x = keras.layers.Dropout(dropout)(efficientnet_lite.backbone(x))
+        x = keras.layers.Dropout(dropout)(efficientnet_lite.backbone(x, name))
     model = keras.Model(inputs, efficientnet_lite.probabilities(x, num_classes), name=name)
     if pretrained:
-        efficientnet_lite.load_imagenet_weights(model, classifier=False)
+        efficientnet_lite.load_imagenet_weights(model, name, classifier=False)
         efficientnet_lite.freeze_backbone(model, fine_tune_blocks)
     return model
 

