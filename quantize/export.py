@@ -34,6 +34,7 @@ from serve.bundle_metadata import (
 from serve.classifier import Classifier
 from serve.errors import PipelineError
 from serve.files import write_atomic
+from serve.metrics import classification_report
 
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
 LATENCY_RUNS = 100  # single-image timings per bundle, spread over LATENCY_ROUNDS alternating rounds
@@ -198,9 +199,10 @@ def convert(model, mode: str, data: QuantizeData, config: dict, qat_epochs: int)
 
 
 def evaluate(classifier: Classifier, data: QuantizeData, reference: dict | None) -> tuple[dict, dict]:
-    """Accuracy (with labels) and fidelity to float32's scores `reference` (top-1 agreement, top-5 overlap,
-    probability error; None: this is float32) of one bundle on `data.eval_x`, and fidelity on `data.holdout_x`
-    ("held_out") when given. Returns (metrics, scores): scores by image set, "eval" and "held_out"."""
+    """Accuracy and per-class precision, recall and F1 (with labels), and fidelity to float32's scores `reference`
+    (top-1 agreement, top-5 overlap, probability error; None: this is float32) of one bundle on `data.eval_x`, and
+    fidelity on `data.holdout_x` ("held_out") when given. Returns (metrics, scores): scores by image set, "eval"
+    and "held_out"."""
     sets = {"eval": data.eval_x} if data.holdout_x is None else {"eval": data.eval_x, "held_out": data.holdout_x}
     scores = {
         name: np.concatenate([classifier.predict(images[i : i + 256]) for i in range(0, len(images), 256)])
@@ -215,6 +217,9 @@ def evaluate(classifier: Classifier, data: QuantizeData, reference: dict | None)
     if data.eval_y is not None and scores["eval"].shape[1] > 5:
         top5 = np.argsort(-scores["eval"], axis=1)[:, :5]
         metrics["top5"] = float(np.mean(np.any(top5 == data.eval_y[:, None], axis=1)))
+    if data.eval_y is not None:
+        report = classification_report(data.eval_y, scores["eval"].argmax(1), data.class_names)
+        metrics |= {key: report[key] for key in ("per_class", "macro", "weighted")}
     if "held_out" in scores:
         metrics["held_out"] = fidelity(scores["held_out"], reference["held_out"])
     return metrics, scores

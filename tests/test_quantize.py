@@ -34,6 +34,12 @@ def test_report_compares_every_bundle_with_float(fmnist_run, bundles):
     for mode, row in rows.items():
         assert row["latency_ms"] > 0 and row["top5"] >= row["top1"]
         assert row["bundle"] == str(bundles[mode])
+        # Per class, as serve/metrics.py reports them (checked against scikit-learn in tests/test_evaluate.py).
+        assert list(row["per_class"]) == Classifier(bundles[mode]).labels
+        assert sum(c["support"] for c in row["per_class"].values()) == row["macro"]["support"] == 1500
+        recall = sum(c["recall"] * c["support"] for c in row["per_class"].values()) / 1500
+        assert recall == pytest.approx(row["top1"]) and row["weighted"]["recall"] == pytest.approx(row["top1"])
+        assert all(0 <= c[key] <= 1 for c in row["per_class"].values() for key in ("precision", "recall", "f1"))
 
 
 # Adds one large vector to every column of the last layer's kernel: each logit gains the same amount, which
