@@ -101,6 +101,7 @@ test: setup clients
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/label_bench.py
+	$(BIN)/python benchmarks/evaluate_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/quantize_bench.py
 	$(BIN)/python benchmarks/horovod_bench.py

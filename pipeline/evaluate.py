@@ -370,7 +370,7 @@ def format_evaluation(evaluation: dict, labels: list[str], worst: int) -> str:
     lines += ["", *_skipped_lines(evaluation["skipped"])]
     files = [bundles[name]["confusion_png"] for name in names] + [evaluation["json"]]
     lines.append(f"wrote {', '.join(printable(path) for path in files)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def _skipped_lines(skipped: dict) -> list[str]:

@@ -21,7 +21,7 @@ README_MAX_LINES = 250
 # The console script of the venv running the tests, as a user runs it (its usage lines say `pipeline`).
 PIPELINE = Path(sys.executable).parent / "pipeline"
 # The reference lists the commands in the order of the pipeline's stages; one not named here comes last.
-STAGE_ORDER = ["train", "quantize", "pretrained", "label", "samples", "cache", "serve-web"]
+STAGE_ORDER = ["train", "quantize", "pretrained", "label", "evaluate", "samples", "cache", "serve-web"]
 REGENERATE = "UPDATE_DOCS=1 .venv/bin/pytest tests/test_docs.py -k commands"
 
 HEADER = """# Command reference
