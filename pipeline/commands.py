@@ -158,8 +158,9 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     is_flag=True,
     help="Continue runs/<name> from its last checkpoint: the end of an epoch, or inside one where SIGTERM or "
     "SIGUSR1 stopped it (exit code 75) or checkpoint_minutes saved it. It may change epochs, learning_rate, "
-    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, checkpoint_minutes, commit_every, compression "
-    "and cache_dir (and --workers), not what defines the run (its data, split, model, seed, augmentation or loss). "
+    "warmup_epochs, fine_tune_blocks, batch_size, keep_checkpoints, checkpoint_minutes, commit_every, compression, "
+    "patience and cache_dir (and --workers), not what defines the run (its data, split, model, seed, augmentation, "
+    "weight EMA or loss). "
     "With nothing to resume yet (no such run, or one that saved nothing) it starts the run, as without --resume, "
     "from --config: the same command line starts a job and continues it when requeued.",
 )

@@ -33,7 +33,16 @@ DEFAULTS: dict = {
     "fine_tune_blocks": 0,  # with pretrained: also train the top N MBConv blocks (Lite0 has 16, Lite1 and Lite2 21)
     "width": 1.0,  # width multiplier (filters scale)
     "dropout": 0.3,
-    "augment": False,  # random flips, shifts and brightness on training images
+    "augment": "none",  # none | basic (flips, shifts, brightness) | strong (basic + the five settings below)
+    "randaugment_ops": 2,  # strong: RandAugment ops per image
+    "randaugment_magnitude": 9.0,  # strong: their strength, 0 to 10
+    "erase_probability": 0.25,  # strong: random erasing of a rectangle
+    "mixup_probability": 0.2,  # strong: share of images blended with another (labels blended alike)
+    "mixup_alpha": 0.8,  # mixup's ratio is drawn from Beta(alpha, alpha)
+    "cutmix_probability": 0.2,  # strong: share of images with a box of another pasted in (labels by area)
+    "cutmix_alpha": 1.0,  # cutmix's area from Beta(alpha, alpha)
+    "ema_decay": 0.0,  # weight EMA for validation, best.keras and export (0: off; 0.999 typical)
+    "patience": 0,  # stop after this many epochs without a better val_accuracy (0: off)
     "epochs": 15,
     "batch_size": 128,
     "learning_rate": 0.001,  # peak of a cosine decay over the whole run
@@ -139,6 +148,7 @@ def validate(config: dict) -> dict:
             _is_int(config[key]) and 1 <= config[key] <= LIMITS[key], key, f"must be an integer from 1 to {LIMITS[key]}"
         )
     need(config["channels"] in (1, 3) and not isinstance(config["channels"], bool), "channels", "must be 1 or 3")
+    lite = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
     need(
         config["model"] in ("small_cnn", "mobilenet_v2", *lite),
         "model",
@@ -148,9 +158,9 @@ def validate(config: dict) -> dict:
     need(
         not config["pretrained"] or config["model"] in lite,
         "pretrained",
-    lite = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
         "only efficientnet_lite0, 1 and 2 have pretrained weights",
     )
+    blocks = 16 if config["model"] == "efficientnet_lite0" else 21
     need(
         _is_int(config["fine_tune_blocks"]) and 0 <= config["fine_tune_blocks"] <= blocks,
         "fine_tune_blocks",
@@ -160,7 +170,6 @@ def validate(config: dict) -> dict:
         need(config["channels"] == 3, "channels", f"{config['model']} takes RGB (channels 3)")
         need(config["input_size"] >= 32, "input_size", f"{config['model']} needs at least 32")
     need(
-    blocks = 16 if config["model"] == "efficientnet_lite0" else 21
         isinstance(config["val_fraction"], float) and 0 < config["val_fraction"] < 1,
         "val_fraction",
         "must be between 0 and 1",
@@ -201,7 +210,7 @@ def validate(config: dict) -> dict:
         "must be a finite number >= 0",
     )
     need(isinstance(config["mixed_precision"], bool), "mixed_precision", "must be true or false")
-    need(isinstance(config["augment"], bool), "augment", "must be true or false")
+    _validate_recipe(config, need)
     need(
         isinstance(config["runs_dir"], str) and config["runs_dir"] and "\0" not in config["runs_dir"],
         "runs_dir",
@@ -224,6 +233,47 @@ def validate(config: dict) -> dict:
     for key in ("width", "learning_rate", "dropout", "label_smoothing", "warmup_epochs", "checkpoint_minutes"):
         config[key] = float(config[key])
     return config
+
+
+# The settings of augment: strong, with (low, high) bounds; `need` refuses a changed one with another preset.
+STRONG_PARTS = {
+    "randaugment_ops": (0, 10),
+    "randaugment_magnitude": (0, 10),
+    "erase_probability": (0, 1),
+    "mixup_probability": (0, 1),
+    "cutmix_probability": (0, 1),
+}
+
+
+def _validate_recipe(config: dict, need) -> None:
+    """augment and its strong parts, ema_decay, patience. A config written before presets said augment true or
+    false: read as basic or none."""
+    if isinstance(config["augment"], bool):
+        config["augment"] = "basic" if config["augment"] else "none"
+    need(config["augment"] in ("none", "basic", "strong"), "augment", "must be none, basic or strong")
+    for key, (low, high) in STRONG_PARTS.items():
+        ok = _is_int(config[key]) if key == "randaugment_ops" else _is_number(config[key])
+        need(ok and low <= config[key] <= high, key, f"must be a number from {low} to {high}")
+        need(
+            config["augment"] == "strong" or config[key] == DEFAULTS[key],
+            key,
+            f"is a part of augment: strong (augment is {config['augment']})",
+        )
+    need(
+        config["mixup_probability"] + config["cutmix_probability"] <= 1,
+        "cutmix_probability",
+        f"with mixup_probability {config['mixup_probability']}: the two must add up to at most 1",
+    )
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        need(_is_number(config[key]) and 0 < config[key] <= 100, key, "must be a number above 0, at most 100")
+    need(_is_number(config["ema_decay"]) and 0 <= config["ema_decay"] < 1, "ema_decay", "must be in [0, 1) (0: off)")
+    need(
+        _is_int(config["patience"]) and 0 <= config["patience"] <= LIMITS["epochs"],
+        "patience",
+        f"must be an integer from 0 (off) to {LIMITS['epochs']}",
+    )
+    for key in (*STRONG_PARTS.keys() - {"randaugment_ops"}, "mixup_alpha", "cutmix_alpha", "ema_decay"):
+        config[key] = float(config[key])
 
 
 def _is_int(value: object) -> bool:

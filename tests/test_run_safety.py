@@ -139,7 +139,7 @@ def test_resume_cannot_change_what_defines_the_run(tmp_path):
     for change, refusal in [
         (["--set", "seed=7"], "seed (42 -> 7)"),
         (["--set", "width=0.5"], "width (1.0 -> 0.5)"),
-        (["--set", "augment=true"], "augment (False -> True)"),
+        (["--set", "augment=true"], "augment (none -> basic)"),
         (["--data", "fashion-mnist"], f"data ({shapes} -> fashion-mnist)"),
     ]:
         result = run_pipeline("train", *runs, "--resume", *change, check=False)

@@ -9,8 +9,8 @@ The order contract, which exact resume and N-worker = 1-worker equivalence rest 
 - Part-way through an epoch (a checkpoint inside it, an elastic job that changed size), the images of the order
   already trained on are skipped and the rest is dealt out again among the workers training now: no image of the
   epoch is trained on twice or skipped (but the last few, as above).
-- Augmentation is seeded by (epoch, worker, step): the same batch gets the same augmentation however the epoch was
-  reached.
+- Augmentation (train/augment.py) is seeded by (seed, epoch, image index): an image gets the same augmentation
+  however the epoch was reached, in whichever batch and on whichever worker it lands.
 
 Images are read batch by batch from a Dataset's uint8 views when a batch is due, several in parallel: a split is
 never held whole.
@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from train import distributed
+from train.augment import augment_batch
 from train.data import Dataset
 
 # tf.data functions traced as written, without autograph: they branch on Python values only, and converting their
@@ -59,23 +60,22 @@ def train_batches(data: Dataset, config: dict, start_epoch: int) -> tf.data.Data
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def epoch_batches(
-    data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0, first_step: int = 0
-) -> tf.data.Dataset:
-    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`), the
-    first being the epoch's step `first_step` (which seeds its augmentation)."""
+def epoch_batches(data: Dataset, config: dict, epoch: int | tf.Tensor, done: int = 0) -> tf.data.Dataset:
+    """This worker's batches of `epoch` once its first `done` images are trained on (`remaining_indices`)."""
     images, labels, num_classes = data.train_x, tf.constant(data.train_y), len(data.class_names)
-    workers, rank = distributed.size(), distributed.rank()
-    shard = remaining_indices(len(data.train_y), config["seed"], epoch, done, rank, workers)
-    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"]).enumerate(first_step)
+    count = len(data.train_y)
+    shard = remaining_indices(count, config["seed"], epoch, done, distributed.rank(), distributed.size())
+    batches = tf.data.Dataset.from_tensor_slices(shard).batch(config["batch_size"])
+
+    def read(indices):
+        # One-hot per batch, never for the whole set: label smoothing, mixup and cutmix need the categorical loss
+        # (mixed labels are soft).
+        return _read(images, lambda idx: images[idx], indices), tf.one_hot(tf.gather(labels, indices), num_classes)
 
     @_as_written
-    def load(step, indices):
-        x = _read(images, lambda idx: images[idx], indices)
-        if config["augment"]:
-            x = _augment(x, tf.stack([tf.cast(epoch, tf.int64) * workers + rank, step]))
-        # One-hot per batch, never for the whole set: label smoothing needs the categorical loss.
-        return x, tf.one_hot(tf.gather(labels, indices), num_classes)
+    def load(indices):
+        x, y = read(indices)
+        return augment_batch(x, y, indices, epoch, config, count, read)
 
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -104,15 +104,3 @@ def _read(images, read, key: tf.Tensor) -> tf.Tensor:
     batch = tf.numpy_function(read, [key], tf.uint8, stateful=False)
     batch.set_shape((None, *images.shape[1:]))
     return tf.cast(batch, tf.float32)
-
-
-def _augment(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Light, seeded augmentation: mirror each image, shift the batch up to 1/8 of its size, vary brightness."""
-    seed = tf.cast(seed, tf.int64)
-    batch = tf.image.stateless_random_flip_left_right(batch, seed=seed)
-    shape = tf.shape(batch)
-    pad_h, pad_w = shape[1] // 8, shape[2] // 8
-    padded = tf.pad(batch, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
-    batch = tf.image.stateless_random_crop(padded, shape, seed=seed + 1)
-    batch = tf.image.stateless_random_brightness(batch, 0.1 * 255.0, seed=seed + 2)
-    return tf.clip_by_value(batch, 0.0, 255.0)

@@ -97,6 +97,11 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
     """
     elastic = None  # train/elastic.py in an elastic job; it imports Horovod Elastic
     if distributed.elastic():
+        if config["ema_decay"]:  # every worker refuses, before any collective
+            raise RunError(
+                f"ema_decay={config['ema_decay']:g}: weight EMA is not supported in an elastic job (its rollbacks "
+                "restore the weights, not their average); set ema_decay=0 or train with a fixed number of workers"
+            )
         from train import elastic
     started = time.perf_counter()
     data = load_dataset(config)
@@ -117,6 +122,10 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
     _compile(model, config, rate, num_classes)
     rngs = dropout_generators(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, dropout_rngs=rngs)
+    average = None  # WeightAverage with ema_decay: its model is saved as the checkpoint's "ema"
+    if config["ema_decay"]:
+        average = WeightAverage(model, _build(config, num_classes), config["ema_decay"])
+        checkpoint.ema = average.average
     validation = eval_batches(data.val_x, data.val_y, num_classes, batch_size)
     writers = []  # rank 0's RunWriter of each fit call, for their bookkeeping time
 
@@ -148,7 +157,10 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
             start, state.history, inside = _on_chief(begin)
             state.epoch, state.batch, state.images = start.epoch, start.batches, inside["images"] if inside else 0
             # Every worker starts from rank 0's weights, optimizer state and dropout streams, fresh or restored...
-            distributed.broadcast_from_chief(model.variables + model.optimizer.variables + [g.state for g in rngs])
+            averaged = average.average.variables if average else []
+            distributed.broadcast_from_chief(
+                model.variables + model.optimizer.variables + [g.state for g in rngs] + averaged
+            )
             if inside and inside["workers"] == distributed.size():  # ...and from its own BatchNorm statistics
                 for variable, value in zip(_moving_stats(model), inside["moving_stats"][distributed.rank()]):
                     variable.assign(value)
@@ -164,12 +176,15 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
         done = resume_point(count, state.images, workers)
         save = None if elastic else save_inside_epoch
         agreement = Agreement(run.path, config, Position(epoch, state.batch), done, save)
+        early = EarlyStop(config["patience"], state.history)  # stopped already if the history says so
 
         def callbacks(images: int, steps: int) -> list:
             """The callbacks of a fit call whose epochs train `images` images in `steps` steps."""
-            # MetricAverage first: the others log averaged metrics. Agreement before RunWriter: a diverged epoch
+            # WeightAverage first: a checkpoint inside the epoch saves the average with this batch in it.
+            # MetricAverage next: the others log averaged metrics. Agreement before RunWriter: a diverged epoch
             # writes no checkpoint, and a stop at the epoch's end is known before the epoch's checkpoint.
-            callbacks = [distributed.MetricAverage(), agreement]
+            callbacks = [average] if average else []
+            callbacks += [distributed.MetricAverage(), agreement]
             if distributed.is_chief():
                 allreduce_bytes = distributed.allreduce_bytes_per_step(model, config["compression"])
                 writers.append(
@@ -177,6 +192,7 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
                 )
                 tensorboard = EpochTensorBoard(log_dir=str(run.tensorboard), write_graph=False)
                 callbacks += [writers[-1], tensorboard, EpochProgress(config["epochs"])]
+            callbacks.append(early)  # after RunWriter: the epoch that stops is written first
             if elastic:  # after RunWriter: an epoch's end commits once its row and checkpoint are written
                 callbacks += [
                     elastic.ScaledLearningRate(state, config, count),
@@ -187,12 +203,13 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
 
         verbose = (1 if sys.stdout.isatty() else 2) if distributed.is_chief() else 0
         with contextlib.nullcontext() if elastic else StopSignals() as agreement.signals:
-            if state.batch:  # the rest of the epoch it starts inside (a checkpoint there, an elastic rollback)
+            # The rest of the epoch it starts inside (a checkpoint there, an elastic rollback).
+            if state.batch and not early.stopped:
                 rest = (count - done) // workers * workers
                 steps = math.ceil(rest // workers / batch_size)
                 sums = inside["metric_sums"][distributed.rank()] if same_workers else None
                 model.fit(
-                    epoch_batches(data, config, epoch, done, state.batch if same_workers else 0),
+                    epoch_batches(data, config, epoch, done),
                     initial_epoch=epoch,
                     epochs=epoch + 1,
                     steps_per_epoch=steps,
@@ -201,7 +218,7 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
                     verbose=verbose,
                 )
                 epoch += 1
-            if epoch < config["epochs"] and not agreement.stopped:
+            if epoch < config["epochs"] and not agreement.stopped and not early.stopped:
                 steps = math.ceil(_shard_size(count) / batch_size)
                 model.fit(
                     train_batches(data, config, epoch),
@@ -231,7 +248,8 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
         raise RunError(
             f"{run}: the workers' weights differ after training (checksums {checksums}); gradients were not allreduced"
         )
-    return _finish(run, config, data, state.history, model, seconds, checksums)
+    # With EMA the average is the model: validated, saved as best.keras (from the best epoch's checkpoint) and exported.
+    return _finish(run, config, data, state.history, average.average if average else model, seconds, checksums)
 
 
 def _open(
@@ -305,7 +323,10 @@ def _restore(path: Path, checkpoint: tf.train.Checkpoint, previous: dict, config
     model = checkpoint.model
     twin = _build(config, model.output_shape[-1])
     twin_rngs = dropout_generators(twin)
-    tf.train.Checkpoint(model=twin, dropout_rngs=twin_rngs).read(str(path)).expect_partial()
+    # The weight average restores into its own model as saved: a checkpoint matches objects by their place in the
+    # model, not by which weights train.
+    averaged = {"ema": checkpoint.ema} if hasattr(checkpoint, "ema") else {}
+    tf.train.Checkpoint(model=twin, dropout_rngs=twin_rngs, **averaged).read(str(path)).expect_partial()
     model.set_weights(twin.get_weights())
     for mine, saved in zip(checkpoint.dropout_rngs, twin_rngs):
         mine.state.assign(saved.state)
@@ -552,6 +573,87 @@ class Agreement(keras.callbacks.Callback):
         raise DivergedError(f"{self.run}: {what}, so the epoch was not saved: {lower}")
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Weight EMA (ema_decay): after each batch `average` -- a twin of the trained model -- moves towards the trained
+    weights, by 1 - min(decay, (1 + step) / (10 + step)) of the difference (the first steps' average would hold
+    mostly the random initial weights otherwise). BatchNorm's moving statistics are copied, not averaged: each
+    worker has its own. Validation swaps the average in and out again, so the epoch's val_accuracy, the best epoch
+    and best.keras are the average's; the checkpoint saves it as "ema", so a resume continues it exactly.
+
+    Not Keras' optimizer EMA (use_ema): tf_keras' fit ends by writing the average over the trained weights, which a
+    run resumed inside an epoch (two fit calls) or stopped would then train on."""
+
+    def __init__(self, trained, model, decay: float) -> None:
+        super().__init__()
+        model.set_weights(trained.get_weights())
+        moving = {id(v) for v in _moving_stats(trained)}
+        pairs = [(a, t) for a, t in zip(model.weights, trained.weights, strict=True) if a.dtype.is_floating]
+        self.averaged = [(a, t) for a, t in pairs if id(t) not in moving]
+        self.copied = [(a, t) for a, t in pairs if id(t) in moving]
+        self.trained, self.average, self.decay = trained, model, decay
+
+    @tf.function
+    def _update(self) -> None:
+        step = tf.cast(self.trained.optimizer.iterations, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
+        for average, trained in self.averaged:
+            average.assign_add((1.0 - decay) * (trained - average))
+        for average, trained in self.copied:
+            average.assign(trained)
+
+    @tf.function
+    def _swap(self) -> None:
+        for average, trained in self.averaged:
+            value = tf.identity(trained)
+            trained.assign(average)
+            average.assign(value)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._update()
+
+    def on_test_begin(self, logs=None):
+        self._swap()
+
+    def on_test_end(self, logs=None):
+        self._swap()
+
+
+class EarlyStop(keras.callbacks.Callback):
+    """patience: stops training once `patience` epochs in a row did not beat the best val_accuracy (of equals, the
+    first is best, as for best.keras). It counts from the run's history, so a resumed run counts on, and a run that
+    stopped stops again at once. Every worker decides alike: val_accuracy is averaged over them (MetricAverage's
+    allreduce gives each the same number) and the history is rank 0's, broadcast at the start."""
+
+    def __init__(self, patience: int, history: list[dict]) -> None:
+        super().__init__()
+        self.patience = patience
+        self.scores = [(row["epoch"], row["val_accuracy"]) for row in history]
+        self.stopped = self._verdict()
+        if self.stopped and distributed.is_chief():
+            print(self.stopped, flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.scores.append((epoch + 1, float(logs["val_accuracy"])))
+        self.stopped = self._verdict()
+        if self.stopped:
+            self.model.stop_training = True
+            if distributed.is_chief():
+                print(self.stopped, flush=True)
+
+    def _verdict(self) -> str:
+        """The line that says why training stops, or "" to go on."""
+        if not self.patience or not self.scores:
+            return ""
+        best_epoch, best = max(self.scores, key=lambda score: (score[1], -score[0]))
+        last = self.scores[-1][0]
+        if last - best_epoch < self.patience:
+            return ""
+        return (
+            f"early stop at epoch {last}: val_accuracy did not improve for {last - best_epoch} epochs, "
+            f"best {best:.4f} at epoch {best_epoch}"
+        )
+
+
 class AddMetricSums(keras.callbacks.Callback):
     """In an epoch resumed from a checkpoint inside it: after its first batch, adds the metric sums saved there
     (`_metric_sums`) to the metrics, so that the epoch's row counts the batches before the stop as an
@@ -719,7 +821,9 @@ def _best_model(run: RunDir, config: dict, epoch: int, num_classes: int):
     if not path.is_dir():
         return keras.models.load_model(run.best_model, compile=False)
     model = _build(config, num_classes)
-    tf.train.Checkpoint(model=model).read(str(RunDir.checkpoint_prefix(path))).expect_partial()
+    # With ema_decay, the weight average (WeightAverage) saved beside the training weights.
+    saved = tf.train.Checkpoint(ema=model) if config["ema_decay"] else tf.train.Checkpoint(model=model)
+    saved.read(str(RunDir.checkpoint_prefix(path))).expect_partial()
     return model
 
 

@@ -67,7 +67,15 @@ RUN_DEFINING = (
     "dropout",
     "pretrained",
     "augment",
+    "randaugment_ops",
+    "randaugment_magnitude",
+    "erase_probability",
+    "mixup_probability",
+    "mixup_alpha",
+    "cutmix_probability",
+    "cutmix_alpha",
     "label_smoothing",
+    "ema_decay",
     "mixed_precision",
 )
 
