@@ -94,7 +94,7 @@ def modes_option(choices: tuple[str, ...], default: tuple[str, ...], help: str):
     "--config",
     "config_path",
     help="YAML config: a path, or a name in configs/ "
-    "(fashion_mnist, image_folder, transfer). Default: configs/fashion_mnist.yaml.",
+    "(fashion_mnist, fashion_mnist_best, image_folder, transfer). Default: configs/fashion_mnist.yaml.",
 )
 @click.option("--data", help="'fashion-mnist' or a folder with one sub-folder of images per class.")
 @click.option(

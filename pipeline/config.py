@@ -83,7 +83,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
 
 
 def config_file_path(value: str | None) -> str:
-    """--config takes a path, or the name of a file in configs/ (fashion_mnist, image_folder, transfer)."""
+    """--config takes a path, or the name of a file in configs/ (fashion_mnist, fashion_mnist_best, image_folder,
+    transfer)."""
     value = value or DEFAULT_CONFIG
     named = CONFIG_DIR / f"{value}.yaml"
     return str(named) if not Path(value).exists() and named.is_file() else value
