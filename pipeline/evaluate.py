@@ -248,7 +248,7 @@ def evaluate_folder(
     unusable = samples.unusable + [{"path": samples.paths[i], "error": str(err)} for i, err in sorted(errors.items())]
     usable = [i for i in range(len(samples.paths)) if i not in errors]
     if not usable:
-        raise PipelineError(f"{folder}: {_nothing_usable(samples, unusable, names)}")
+        raise PipelineError(f"{folder}: {_nothing_usable(samples, errors, names)}")
     paths = [samples.paths[i] for i in usable]
     truth = np.asarray(samples.labels, dtype=np.int64)[usable]
     out = out or os.path.join("runs", "evaluate", os.path.basename(os.path.abspath(folder)))
@@ -274,7 +274,7 @@ def evaluate_folder(
     evaluation = {
         "folder": shown(folder),
         "images": len(paths),
-        "classes": sorted({names[i] for i in truth.tolist()}, key=names.index),
+        "classes": [names[i] for i in np.unique(truth).tolist()],
         "skipped": {
             "unknown_folders": [shown(path) for path in samples.unknown_folders],
             "loose_images": [shown(path) for path in samples.loose_images],
@@ -289,10 +289,10 @@ def evaluate_folder(
     return 0
 
 
-def _nothing_usable(samples: Samples, unusable: list[dict], names: list[str]) -> str:
-    """Why no image could be used, in a few words."""
+def _nothing_usable(samples: Samples, errors: dict, names: list[str]) -> str:
+    """Why no image could be used, in a few words (`errors`: each image's ImageError, by its index)."""
     if samples.paths:
-        return f"none of its {len(samples.paths)} images could be used (first: {unusable[-1]['error']})"
+        return f"none of its {len(samples.paths)} images could be used (first: {errors[min(errors)]})"
     if samples.unknown_folders:
         return (
             f"no sub-folder is named after one of the bundle's {len(names)} labels "
@@ -312,14 +312,15 @@ def format_evaluation(evaluation: dict, labels: list[str], worst: int) -> str:
     and worst images."""
     bundles = evaluation["bundles"]
     names = list(bundles)
+    shown_names = [printable(name) for name in names]
     first = bundles[names[0]]
     lines = [
         f"{evaluation['images']} images of {len(evaluation['classes'])} classes in {printable(evaluation['folder'])}",
         "",
     ]
-    width = max(12, *map(len, names))
-    name_width = max(12, *(len(printable(c)) for c in first["per_class"]))
-    lines.append(f"{'':<{name_width}}  " + "  ".join(f"{name:>{width}}" for name in names))
+    width = max(12, *map(len, shown_names))
+    name_width = max(12, *(len(printable(c)) for n in names for c in bundles[n]["per_class"]))
+    lines.append(f"{'':<{name_width}}  " + "  ".join(f"{name:>{width}}" for name in shown_names))
     for key, title in (("top1", "top-1"), ("top5", "top-5")):
         values = [bundles[name][key] for name in names]
         if values[0] is not None:
@@ -336,25 +337,26 @@ def format_evaluation(evaluation: dict, labels: list[str], worst: int) -> str:
     group = "  precision  recall      f1"
     if len(names) > 1:
         span = len(group) - 2
-        lines.append(f"{'':<{name_width}}  {'':>7}" + "".join(f"  {name[:span]:^{span}}" for name in names))
+        lines.append(f"{'':<{name_width}}  {'':>7}" + "".join(f"  {name[:span]:^{span}}" for name in shown_names))
     lines.append(f"{'class':<{name_width}}  {'support':>7}" + group * len(names))
     # Every class some bundle reports: one found only in another bundle's predictions has no row in this one's.
     reported = {c: bundles[n]["per_class"][c]["support"] for n in names for c in bundles[n]["per_class"]}
-    rows = [(printable(c), reported[c], c) for c in labels if c in reported]
-    rows += [(f"{key} avg", first[key]["support"], key) for key in ("macro", "weighted")]
-    for title, support, key in rows:
+    rows = [
+        (printable(c), reported[c], [bundles[n]["per_class"].get(c) for n in names]) for c in labels if c in reported
+    ]
+    rows += [(f"{key} avg", first[key]["support"], [bundles[n][key] for n in names]) for key in ("macro", "weighted")]
+    for title, support, figures in rows:
         cells = ""
-        for name in names:
-            row = bundles[name]["per_class"].get(key) or bundles[name].get(key)
+        for row in figures:
             if row is None:  # a class only another bundle predicted
                 cells += f"  {'-':>9}  {'-':>6}  {'-':>6}"
             else:
                 cells += f"  {row['precision']:>9.4f}  {row['recall']:>6.4f}  {row['f1']:>6.4f}"
         lines.append(f"{title:<{name_width}}  {support:>7}{cells}")
 
-    for name in names:
+    for name, shown_name in zip(names, shown_names):
         bundle = bundles[name]
-        heading = f"{name}: " if len(names) > 1 else ""
+        heading = f"{shown_name}: " if len(names) > 1 else ""
         if worst and bundle["confused_pairs"]:
             lines += ["", f"{heading}most confused, true -> predicted (share of the true class):"]
             for pair in bundle["confused_pairs"]:
