@@ -2,7 +2,8 @@
 
 Runs with the serving install alone (numpy, Pillow, ai-edge-litert): images are decoded by pipeline label's path
 (threads decoding the next batches while the model runs this one), once per input size however many bundles take
-it, and the metrics are serve/metrics.py's. The confusion matrices are drawn with Pillow.
+it, and the metrics are serve/metrics.py's. The confusion matrices are drawn as training draws its own, with Pillow
+(train/plots.py, which needs nothing beyond the serving install).
 """
 
 from __future__ import annotations
@@ -224,11 +225,13 @@ def evaluate_folder(
     print the figures (text or one JSON object), write evaluation.json and a confusion matrix PNG per bundle
     to `out`. Returns the exit code, 0: what could not be used is reported, not a failure."""
     import json
+    from pathlib import Path
 
     import numpy as np
 
     from serve import Classifier
     from serve.files import shown, write_atomic
+    from train.plots import plot_confusion
 
     model_files = list(model_files) or [newest_bundle()]
     if len(set(model_files)) != len(model_files):
@@ -259,8 +262,8 @@ def evaluate_folder(
     for name, classifier, result in zip(shown_names, classifiers, ranked):
         report = bundle_report(result, truth, paths, names, worst)
         png = os.path.join(out, f"confusion_{_file_name(name)}.png")
-        title = f"{name}, {len(paths)} images: rows true, columns predicted"
-        write_png(png, confusion_image(report["confusion_matrix"], title))
+        confusion = report["confusion_matrix"]
+        plot_confusion(np.array(confusion["matrix"]), confusion["classes"], Path(png), f"{name}, {len(paths)} images")
         bundles[name] = {"model": shown(classifier.model_path), **report, "confusion_png": shown(png)}
     agreement = [
         {
@@ -395,60 +398,3 @@ def _skipped_lines(skipped: dict) -> list[str]:
         if len(skipped["unusable"]) > NAMED_SKIPPED:
             lines.append(f"  and {len(skipped['unusable']) - NAMED_SKIPPED} more (evaluation.json names them all)")
     return lines
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size)
-    except TypeError:  # Pillow 10.0: only the fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def confusion_image(confusion: dict, title: str):
-    """The confusion matrix as a PIL image: rows the true class, columns the predicted one, each cell shaded by
-    its share of the row (the class's images) and showing its count where the cells are large enough."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    matrix = np.asarray(confusion["matrix"], dtype=np.int64)
-    classes = [printable(name) for name in confusion["classes"]]
-    count = len(classes)
-    cell = int(np.clip(900 // max(count, 1), 4, 48))
-    text_size = max(8, min(14, cell // 3))
-    font, small = _font(14), _font(text_size)
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    label_width = (max(int(measure.textlength(name, font=font)) for name in classes) + 12) if cell >= 12 else 0
-    left, top = label_width + 30, 40
-    size = (left + count * cell + 20, top + count * cell + label_width + 30)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill="black", font=font)
-    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    for row in range(count):
-        for column in range(count):
-            share = float(shares[row, column])
-            shade = tuple(int(255 - share * (255 - c)) for c in (31, 84, 160))
-            x, y = left + column * cell, top + row * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=shade)
-            if cell >= 24 and matrix[row, column]:
-                text = str(matrix[row, column])
-                color = "white" if share > 0.5 else "black"
-                draw.text((x + cell / 2, y + cell / 2), text, fill=color, font=small, anchor="mm")
-    if label_width:
-        for i, name in enumerate(classes):
-            y = top + i * cell + cell / 2
-            draw.text((left - 6, y), name, fill="black", font=font, anchor="rm")
-            # Column labels, written sideways below the matrix.
-            label = Image.new("L", (label_width, cell), 0)
-            ImageDraw.Draw(label).text((label_width - 6, cell / 2), name, fill=255, font=font, anchor="rm")
-            image.paste("black", (left + i * cell, top + count * cell + 6), label.rotate(90, expand=True))
-    return image
-
-
-def write_png(path: str, image) -> None:
-    from serve.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
