@@ -184,3 +184,16 @@ def test_a_run_with_strong_augment_and_ema_stopped_inside_an_epoch_resumes_exact
         assert (tmp_path / name / "best.keras").is_file()
     best = [json.loads((tmp_path / n / "summary.json").read_text())["val_accuracy"] for n in ("straight", "stopped")]
     assert best[0] == best[1]
+
+
+@pytest.mark.slow
+def test_weight_ema_in_an_elastic_job_is_one_line_error(tmp_path):
+    from tests.test_elastic import elastic_train_args
+
+    result = run_pipeline(*elastic_train_args(tmp_path, "ema"), "--set", "ema_decay=0.99", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: ema_decay=0.99: weight EMA is not supported in an elastic job (its rollbacks restore the weights, not "
+        "their average); set ema_decay=0 or train with a fixed number of workers"
+    )
+    assert not (tmp_path / "ema").exists()
