@@ -1,9 +1,9 @@
 """`pipeline evaluate`'s work: how good are these bundles on a folder of labelled images (one sub-folder per class)?
 
-Runs with the serving install alone (numpy, Pillow, ai-edge-litert): images are decoded by pipeline label's path
-(threads decoding the next batches while the model runs this one), once per input size however many bundles take
-it, and the metrics are serve/metrics.py's. The confusion matrices are drawn as training draws its own, with Pillow
-(train/plots.py, which needs nothing beyond the serving install).
+Runs with the serving install alone (numpy, Pillow, ai-edge-litert). Images are decoded as pipeline label decodes
+them (serve's to_pixels; the next batches decoded while the bundles run this one, here by processes), once per
+input size however many bundles take it; the metrics are serve/metrics.py's, and the confusion matrices are drawn
+as training draws its own (train/plots.py, Pillow).
 """
 
 from __future__ import annotations
@@ -114,13 +114,12 @@ class Ranked(NamedTuple):
 def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: int) -> tuple[list[Ranked], dict]:
     """Each classifier's Ranked on the images of `paths` that every one of them could use, and the ImageError of
     each that could not be used, by its index in `paths`. Images are decoded once per input shape, in batches,
-    by `jobs` threads."""
+    by `jobs` processes (decoded_chunks) while the bundles run the batch before."""
     import math
 
     import numpy as np
 
     from serve.classifier import BATCH_BYTES
-    from serve.preprocess import pixels_in_chunks
 
     count, k = len(paths), min(TOP_K, classifiers[0].num_classes)
     truth = np.asarray(labels, dtype=np.int64)
@@ -136,7 +135,7 @@ def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: in
         batch_size = max(1, min(BATCH_SIZE, BATCH_BYTES // math.prod(shape)))
         chunk_size = max(1, min(batch_size, math.ceil(count / jobs)))
         start = 0
-        for chunk in pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size):
+        for chunk in decoded_chunks(paths, shape, jobs, chunk_size):
             at = [start + j for j, item in enumerate(chunk) if not isinstance(item, PipelineError)]
             errors.update((start + j, item) for j, item in enumerate(chunk) if isinstance(item, PipelineError))
             if at:
@@ -154,6 +153,47 @@ def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: in
     usable = np.setdiff1d(np.arange(count), list(errors))
     results = [Ranked(t[usable], s[usable], r[usable]) for t, s, r in zip(top, top_scores, true_scores)]
     return results, errors
+
+
+def decoded_chunks(paths: list[str], shape: tuple[int, int, int], jobs: int, chunk_size: int):
+    """serve's `to_pixels` of every path, `chunk_size` at a time, in order, as pixels_in_chunks yields them.
+
+    With `jobs` > 1, that many forked processes decode, where pipeline label decodes in threads: a small image (a
+    28x28 PNG) spends most of its decoding in Python around Pillow's decoder, under the GIL, which threads take
+    turns for (benchmarks/evaluate_bench.py measures it). Forked, they start at once, with serve imported; at most
+    two chunks per process are decoded ahead of the bundles. Threads decode where the platform cannot fork, and
+    one chunk's worth of images needs no process of its own."""
+    import multiprocessing
+
+    from serve.preprocess import in_order, pixels_in_chunks
+
+    if jobs <= 1 or len(paths) <= chunk_size or "fork" not in multiprocessing.get_all_start_methods():
+        yield from pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = ((paths[start : start + chunk_size], shape) for start in range(0, len(paths), chunk_size))
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_interrupts)
+    try:
+        yield from in_order(pool, _decode_chunk, tasks, ahead=2 * jobs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts() -> None:
+    """In a decoding process: Ctrl-C is for the parent, which ends the pool, not a traceback from each process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode_chunk(task: tuple[list[str], tuple[int, int, int]]) -> list:
+    """One chunk of decoded_chunks (its paths, and the input's shape), in a decoding process."""
+    from serve.preprocess import pixels_in_chunks
+
+    paths, shape = task
+    return next(pixels_in_chunks(paths, *shape, chunk_size=len(paths)))
 
 
 def bundle_report(ranked: Ranked, truth, paths: list[str], names: list[str], worst: int) -> dict:
