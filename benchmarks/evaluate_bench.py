@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         f"`pipeline evaluate` against benchmarks/bare_evaluate.py on {platform.machine()}, {cores} cores ({load}), "
         f"{time.strftime('%Y-%m-%d')}: {args.rounds} interleaved rounds, "
         f"whole runs with start-up, median (slowest-fastest round). {args.images} Fashion-MNIST test PNGs in 10 class "
-        f"folders, bundle {args.model.name}; pipeline decodes with {cores} threads and also writes the confusion "
+        f"folders, bundle {args.model.name}; pipeline decodes in {cores} processes and also writes the confusion "
         f"matrix PNG and evaluation.json. Both report top-1 {figures['top1']:.4f}.",
         "",
         "| measure | pipeline evaluate | bare script | ratio (pipeline / bare images/s) | target | met |",

@@ -43,7 +43,15 @@ EVALUATE_OPTIONS = (
         default=10,
         minimum=0,
     ),
-    *(option for option in LABEL_OPTIONS if option.keyword in ("num_threads", "jobs", "ignore_checksum")),
+    *(option for option in LABEL_OPTIONS if option.keyword in ("num_threads", "ignore_checksum")),
+    Option(
+        ("-j", "--jobs"),
+        "jobs",
+        int,
+        "Processes decoding images (threads where the system cannot fork); 2 or more also overlap decoding with the "
+        "bundles. Default: one per core.",
+        minimum=1,
+    ),
     Option(("--json",), "as_json", bool, "Print one JSON object (what evaluation.json holds) instead.", default=False),
 )
 
