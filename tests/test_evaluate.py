@@ -143,13 +143,17 @@ def test_what_cannot_be_used_is_reported_not_fatal(class_folder, evaluated):
     assert unusable["error"].startswith(f"{folder / 'shirt' / 'broken.png'}: ")
 
 
-def test_text_output(bundles, class_folder, tmp_path):
+def test_text_output(bundles, class_folder, evaluated, tmp_path):
     folder, paths, _ = class_folder
-    result = run_pipeline("evaluate", str(folder), "-m", str(bundles["int8"]), "--out", str(tmp_path), "--worst", "3")
+    # One decoding thread here, processes in `evaluated`: the same figures.
+    args = ["-m", str(bundles["int8"]), "--out", str(tmp_path), "--worst", "3", "-j", "1"]
+    result = run_pipeline("evaluate", str(folder), *args)
     lines = result.stdout.splitlines()
     assert result.stderr == "" and lines[0] == f"200 images of 10 classes in {folder}"
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     figures = evaluation["bundles"]["fmnist_int8"]
+    decoded_in_processes = evaluated[0]["bundles"]["fmnist_int8"]
+    assert figures["per_class"] == decoded_in_processes["per_class"] and figures["top5"] == decoded_in_processes["top5"]
     rows = {line.split("  ")[0]: line.split("  ")[1:] for line in lines if not line.startswith(" ")}
     assert [cell.strip() for cell in rows["top-1"] if cell] == [f"{figures['top1']:.4f}"]
     for title, row in (("Shirt", figures["per_class"]["Shirt"]), ("macro avg", figures["macro"])):
