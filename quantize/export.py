@@ -34,7 +34,7 @@ from serve.bundle_metadata import (
 from serve.classifier import Classifier
 from serve.errors import PipelineError
 from serve.files import write_atomic
-from serve.metrics import classification_report
+from serve.metrics import classification_report, top_k_accuracy
 
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
 LATENCY_RUNS = 100  # single-image timings per bundle, spread over LATENCY_ROUNDS alternating rounds
@@ -215,8 +215,7 @@ def evaluate(classifier: Classifier, data: QuantizeData, reference: dict | None)
         **fidelity(scores["eval"], reference["eval"]),
     }
     if data.eval_y is not None and scores["eval"].shape[1] > 5:
-        top5 = np.argsort(-scores["eval"], axis=1)[:, :5]
-        metrics["top5"] = float(np.mean(np.any(top5 == data.eval_y[:, None], axis=1)))
+        metrics["top5"] = top_k_accuracy(data.eval_y, scores["eval"], 5)
     if data.eval_y is not None:
         report = classification_report(data.eval_y, scores["eval"].argmax(1), data.class_names)
         metrics |= {key: report[key] for key in ("per_class", "macro", "weighted")}
