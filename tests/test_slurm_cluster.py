@@ -53,7 +53,8 @@ def test_srun_on_two_nodes_runs_one_task_on_each(cluster):
 def test_srun_on_one_node_numbers_its_tasks_locally(cluster):
     tasks = task_variables(cluster.srun("-N1", "-n2", "-l", "env"))
     assert [(tasks[t]["SLURM_PROCID"], tasks[t]["SLURM_LOCALID"]) for t in (0, 1)] == [("0", "0"), ("1", "1")]
-    assert {tasks[t]["SLURMD_NODENAME"] for t in (0, 1)} == {"n1"}
+    # Both on one node; which one is the scheduler's choice (n1 may still be completing the previous step's job).
+    assert len({tasks[t]["SLURMD_NODENAME"] for t in (0, 1)}) == 1
     assert tasks[0]["SLURM_STEP_TASKS_PER_NODE"] == "2"
 
 
