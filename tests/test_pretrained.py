@@ -207,40 +207,23 @@ def test_int8_scores_never_tie_classes_that_float_tells_apart(pretrained_bundles
     assert not ties, (ties, cpu_features())
 
 
-@pytest.fixture(scope="module")
-def lite1_run(tmp_path_factory) -> tuple[Path, str]:
-    """`pipeline pretrained efficientnet-lite1` with the default run name, run once (its int8 conversion takes
-    minutes): (the run directory, what the command printed)."""
-    folder = tmp_path_factory.mktemp("lite1")
-    result = run_pipeline("pretrained", "efficientnet-lite1", cwd=folder)
-    return folder / "runs" / "efficientnet_lite1", result.stdout
-
-
 @pytest.mark.slow
-def test_lite1_exports_at_its_own_size_and_int8_keeps_floats_answers(tmp_path, lite1_run):
-    """EfficientNet-Lite1 end to end at 240x240 through the same int8 conversion as Lite0 (Lite2 differs only in
-    its checkpoint, checked against PyTorch above). How often int8 agrees with float32 on many more crops is
-    benchmarks/pretrained_bench.py's measure; these bounds leave room for near-ties."""
-    run, printed = lite1_run
+def test_lite1_exports_at_its_own_size_with_the_default_run_name(tmp_path):
+    """EfficientNet-Lite1 end to end at 240x240, float bundles only: its int8 conversion is Lite0's (tested on
+    Lite0 above) and takes minutes more per network, so how int8 Lite1 and Lite2 agree with float32 is
+    benchmarks/pretrained_bench.py's measure, not a test's."""
+    result = run_pipeline("pretrained", "efficientnet-lite1", "-q", "float16", cwd=tmp_path)
+    run = tmp_path / "runs" / "efficientnet_lite1"
+    assert str(run.relative_to(tmp_path)) in result.stdout
     export = run / "export"
-    for mode in ("float32", "int8", "float16"):
+    assert not (export / "efficientnet_lite1_int8.tflite").exists()
+    for mode in ("float32", "float16"):
         bundle = export / f"efficientnet_lite1_{mode}.tflite"
         label = run_pipeline("label", str(GRACE_HOPPER), "-m", str(bundle), cwd=tmp_path)
         assert label.stdout.splitlines()[0].startswith("military uniform (653): "), (mode, label.stdout)
-    classifier = Classifier(export / "efficientnet_lite1_int8.tflite")
+    classifier = Classifier(export / "efficientnet_lite1_float16.tflite")
     assert (classifier.height, classifier.width, classifier.channels) == (240, 240, 3)
     assert len(classifier.labels) == 1001 and classifier.labels[0] == "background"
-    report = json.loads((run / "quantize_report.json").read_text())
-    int8 = report["bundles"]["int8"]
-    assert report["held_out_images"] == 17 * 6
-    # Measured 17/17 on the whole photos and 92/102 on the held-out crops (Lite0: 17/17, 92/102).
-    assert int8["agreement"] >= 16 / 17 and int8["held_out"]["agreement"] >= 0.88, int8
-    assert int8["size_bytes"] < 0.35 * report["bundles"]["float32"]["size_bytes"]
-    prepare()
-    ties = ties_on_sample_photos(
-        {mode: export / f"efficientnet_lite1_{mode}.tflite" for mode in ("int8", "float32")}, 240
-    )
-    assert not ties, (ties, cpu_features())
 
 
 @pytest.mark.slow
