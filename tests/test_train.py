@@ -121,6 +121,36 @@ def test_run_directory_contract(fmnist_run):
     assert any((fmnist_run / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_summary_holds_per_class_figures_of_the_best_model(fmnist_run):
+    """summary.json's metrics: scikit-learn's classification_report of best.keras on the run's own splits."""
+    from sklearn.metrics import classification_report as sklearn_report
+
+    from train.rundir import RunDir
+
+    prepare()
+    import tf_keras as keras
+
+    run = RunDir(fmnist_run)
+    summary = run.read_summary()
+    data = load_dataset(run.read_config(), train_in_memory=False)
+    model = keras.models.load_model(run.best_model)
+    assert set(summary.metrics) == {"val", "test"}
+    for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+        predicted = np.argmax(model.predict(np.asarray(x[:]), verbose=0), axis=1)
+        want = sklearn_report(y, predicted, output_dict=True, zero_division=0, labels=np.unique([*y, *predicted]))
+        got = summary.metrics[split]
+        assert got["accuracy"] == pytest.approx(np.mean(predicted == y))
+        for index in np.unique([*y, *predicted]):
+            figures = got["per_class"][data.class_names[index]]
+            expected = want[str(index)]
+            assert figures["support"] == expected["support"]
+            for name, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+                assert figures[name] == pytest.approx(expected[key]), (split, index, name)
+        assert got["macro"]["f1"] == pytest.approx(want["macro avg"]["f1-score"])
+        assert got["weighted"]["recall"] == pytest.approx(want["weighted avg"]["recall"])
+    assert summary.metrics["test"]["accuracy"] == pytest.approx(summary.test_accuracy)
+
+
 def test_existing_run_is_not_overwritten(fmnist_run):
     before = (fmnist_run / "metrics.json").read_bytes()
     result = run_pipeline("train", "--name", "fmnist", "--set", f"runs_dir={fmnist_run.parent}", check=False)

@@ -22,6 +22,7 @@ import tf_keras as keras
 
 from serve.errors import PipelineError, StoppedError
 from serve.files import atomic_path, write_atomic
+from serve.metrics import classification_report
 from train import distributed
 from train.batches import epoch_batches, eval_batches, image_batches, resume_point, train_batches
 from train.data import Dataset, load_dataset
@@ -343,6 +344,14 @@ def _curves_on_failure(run: RunDir, history):
         if history():
             plot_curves(history(), run.curves)
         raise
+
+
+def _class_reports(data: Dataset, val_pred: np.ndarray, test_pred: np.ndarray | None) -> dict[str, dict]:
+    """summary.json's per-class figures of the best model: validation, and test where the data has a test split."""
+    reports = {"val": classification_report(data.val_y, val_pred, data.class_names)}
+    if test_pred is not None:
+        reports["test"] = classification_report(data.test_y, test_pred, data.class_names)
+    return reports
 
 
 def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: RunDir) -> None:
@@ -858,6 +867,7 @@ def _finish(
         workers=distributed.size(),
         compression=config["compression"],
         rank_weight_checksums=checksums,
+        metrics=_class_reports(data, val_pred, test_pred),
         normalization=dict(zip(("mean", "std"), NORMALIZATION[config["model"]])),
         versions=versions(),
     )

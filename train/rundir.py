@@ -113,6 +113,9 @@ class Summary:
     workers: int | None = None
     compression: str | None = None
     rank_weight_checksums: list[str] = field(default_factory=list)  # every worker's weights at the end: all equal
+    # serve.metrics.classification_report of the best model on each split: accuracy, per-class precision, recall,
+    # F1 and support, their macro and weighted averages. {"val": {...}, "test": {...}}; test only where there is one.
+    metrics: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
