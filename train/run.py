@@ -22,7 +22,7 @@ import tf_keras as keras
 
 from serve.errors import PipelineError, StoppedError
 from serve.files import atomic_path, write_atomic
-from serve.metrics import classification_report
+from serve.metrics import classification_report, confusion_matrix
 from train import distributed
 from train.batches import epoch_batches, eval_batches, image_batches, resume_point, train_batches
 from train.data import Dataset, load_dataset
@@ -355,9 +355,7 @@ def _class_reports(data: Dataset, val_pred: np.ndarray, test_pred: np.ndarray | 
 
 
 def _plot_confusion(class_names: list[str], labels: np.ndarray, predicted: np.ndarray, title: str, run: RunDir) -> None:
-    matrix = np.zeros((len(class_names),) * 2, dtype=np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    plot_confusion(matrix, class_names, run.confusion_matrix, title)
+    plot_confusion(confusion_matrix(labels, predicted, len(class_names)), class_names, run.confusion_matrix, title)
 
 
 def _on_chief(work):
