@@ -85,6 +85,11 @@ def test_requeued_job_runs_again_within_seconds(cluster, tmp_path):
     script.write_text('#!/bin/bash\necho "run ${SLURM_RESTART_COUNT:-0}"\nsrun sleep 300\n')
     job_id = cluster.sbatch(script, "-N2", "-n2", "--requeue", "--open-mode=append", f"--output={tmp_path / 'out'}")
     cluster.wait_for_state(job_id, {"RUNNING"})
+    # RUNNING comes before the batch script starts: a requeue before its first line would leave no "run 0".
+    deadline = time.time() + 30
+    while "run 0" not in cluster.output(job_id):
+        assert time.time() < deadline, f"job {job_id} printed nothing 30 s after it started: {cluster.job(job_id)}"
+        time.sleep(0.1)
     cluster.requeue(job_id)
     deadline = time.time() + 30
     while cluster.restart_count(job_id) == 0 or cluster.job_state(job_id) != "RUNNING":
