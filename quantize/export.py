@@ -34,7 +34,7 @@ from serve.bundle_metadata import (
 from serve.classifier import Classifier
 from serve.errors import PipelineError
 from serve.files import write_atomic
-from serve.metrics import classification_report, top_k_accuracy
+from serve.metrics import classification_report, ranked, top_k_accuracy
 
 GREY_NOTE = "; trained on grey images: the model converts RGB to grey as Pillow does (L = R*0.299 + G*0.587 + B*0.114)"
 LATENCY_RUNS = 100  # single-image timings per bundle, spread over LATENCY_ROUNDS alternating rounds
@@ -209,16 +209,12 @@ def evaluate(classifier: Classifier, data: QuantizeData, reference: dict | None)
         for name, images in sets.items()
     }
     reference = scores if reference is None else reference
-    metrics = {
-        "top1": float(np.mean(scores["eval"].argmax(1) == data.eval_y)) if data.eval_y is not None else None,
-        "top5": None,
-        **fidelity(scores["eval"], reference["eval"]),
-    }
-    if data.eval_y is not None and scores["eval"].shape[1] > 5:
-        metrics["top5"] = top_k_accuracy(data.eval_y, scores["eval"], 5)
+    metrics = {"top1": None, "top5": None, **fidelity(scores["eval"], reference["eval"])}
     if data.eval_y is not None:
         report = classification_report(data.eval_y, scores["eval"].argmax(1), data.class_names)
-        metrics |= {key: report[key] for key in ("per_class", "macro", "weighted")}
+        metrics |= {"top1": report["accuracy"]} | {key: report[key] for key in ("per_class", "macro", "weighted")}
+        if scores["eval"].shape[1] > 5:
+            metrics["top5"] = top_k_accuracy(data.eval_y, scores["eval"], 5)
     if "held_out" in scores:
         metrics["held_out"] = fidelity(scores["held_out"], reference["held_out"])
     return metrics, scores
@@ -228,8 +224,7 @@ def fidelity(scores: np.ndarray, reference: np.ndarray) -> dict:
     """How closely `scores` follow `reference` (float32's), image by image: the share of images whose top-1 agrees,
     the mean share of top-5 classes in common (ties in `scores` broken by class index, as serve does), and the
     largest and mean absolute difference in probability."""
-    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-    reference_top5 = np.argsort(-reference, axis=1, kind="stable")[:, :5]
+    top5, reference_top5 = ranked(scores, 5), ranked(reference, 5)
     return {
         "agreement": float(np.mean(top5[:, 0] == reference_top5[:, 0])),
         "top5_overlap": float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(top5, reference_top5)])),

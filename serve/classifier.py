@@ -13,6 +13,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from serve.bundle import MAX_NUM_THREADS, load_bundle, read_bundle, read_labels
 from serve.errors import BundleError, ImageError
+from serve.metrics import ranked
 from serve.preprocess import ImageSource, pixels_in_chunks, to_pixels
 from serve.quiet import LITERT_INFO_LINE, stderr_without
 
@@ -244,7 +245,7 @@ class Classifier:
 
     def _top_k_rows(self, scores: np.ndarray, k: int) -> list[list[Prediction]]:
         """`top_k` of each row of a (N, num_classes) array, sorted in one call."""
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : max(k, 0)]
+        order = ranked(scores, k)
         labels = self.labels
         return [
             [Prediction(labels[i], i, score) for i, score in zip(row.tolist(), row_scores[row].tolist())]

@@ -48,11 +48,16 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray, class_names
     }
 
 
+def ranked(scores: np.ndarray, k: int) -> np.ndarray:
+    """The class indices of the `k` highest of each row of `scores` (N, classes), highest first; of equal scores
+    the lower class index comes first. Every ranking in serve, evaluate and the quantize report is this one."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, : max(k, 0)]
+
+
 def top_k_accuracy(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """The share of images whose true class is among the `k` highest of their row of `scores` (N, classes); ties
-    are broken by class index, the lower first, as serve ranks predictions."""
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(ranked == np.asarray(labels)[:, None], axis=1)))
+    """The share of images whose true class is among the `k` highest of their row of `scores` (N, classes), ranked
+    by `ranked`."""
+    return float(np.mean(np.any(ranked(scores, k) == np.asarray(labels)[:, None], axis=1)))
 
 
 def _indices(labels: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
