@@ -128,6 +128,7 @@ def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: in
     import numpy as np
 
     from serve.classifier import BATCH_BYTES
+    from serve.metrics import ranked
 
     count, k = len(paths), min(TOP_K, classifiers[0].num_classes)
     truth = np.asarray(labels, dtype=np.int64)
@@ -143,20 +144,19 @@ def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: in
         batch_size = max(1, min(BATCH_SIZE, BATCH_BYTES // math.prod(shape)))
         chunk_size = max(1, min(batch_size, math.ceil(count / jobs)))
         start = 0
-        for chunk in decoded_chunks(paths, shape, jobs, chunk_size):
-            at = [start + j for j, item in enumerate(chunk) if not isinstance(item, PipelineError)]
-            errors.update((start + j, item) for j, item in enumerate(chunk) if isinstance(item, PipelineError))
+        for size, pixels, failed in decoded_chunks(paths, shape, jobs, chunk_size):
+            at = [start + j for j in range(size) if j not in failed]
+            errors.update((start + j, error) for j, error in failed.items())
             if at:
-                pixels = np.stack([chunk[j - start] for j in at])
                 for i in group:
                     scores = classifiers[i].predict(pixels)
-                    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-                    top[i][at] = ranked
-                    top_scores[i][at] = np.take_along_axis(scores, ranked, 1)
+                    best = ranked(scores, k)
+                    top[i][at] = best
+                    top_scores[i][at] = np.take_along_axis(scores, best, 1)
                     true_scores[i][at] = scores[np.arange(len(at)), truth[at]]
-            for _ in chunk:
+            for _ in range(size):
                 progress.advance()
-            start += len(chunk)
+            start += size
     progress.clear()
     usable = np.setdiff1d(np.arange(count), list(errors))
     results = [Ranked(t[usable], s[usable], r[usable]) for t, s, r in zip(top, top_scores, true_scores)]
@@ -164,7 +164,7 @@ def run_bundles(classifiers: list, paths: list[str], labels: list[int], jobs: in
 
 
 def decoded_chunks(paths: list[str], shape: tuple[int, int, int], jobs: int, chunk_size: int):
-    """serve's `to_pixels` of every path, `chunk_size` at a time, in order, as pixels_in_chunks yields them.
+    """serve's `to_pixels` of every path, `chunk_size` at a time, in order, each chunk as `stacked` gives it.
 
     With `jobs` > 1, that many forked processes decode, where pipeline label decodes in threads: a small image (a
     28x28 PNG) spends most of its decoding in Python around Pillow's decoder, under the GIL, which threads take
@@ -176,7 +176,7 @@ def decoded_chunks(paths: list[str], shape: tuple[int, int, int], jobs: int, chu
     from serve.preprocess import in_order, pixels_in_chunks
 
     if jobs <= 1 or len(paths) <= chunk_size or "fork" not in multiprocessing.get_all_start_methods():
-        yield from pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size)
+        yield from map(stacked, pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size))
         return
     from concurrent.futures import ProcessPoolExecutor
 
@@ -196,12 +196,23 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _decode_chunk(task: tuple[list[str], tuple[int, int, int]]) -> list:
-    """One chunk of decoded_chunks (its paths, and the input's shape), in a decoding process."""
+def _decode_chunk(task: tuple[list[str], tuple[int, int, int]]) -> tuple:
+    """One chunk of decoded_chunks (its paths, and the input's shape), in a decoding process: stacked there, it
+    comes back as one array, which costs the parent far less to receive than an array per image."""
     from serve.preprocess import pixels_in_chunks
 
     paths, shape = task
-    return next(pixels_in_chunks(paths, *shape, chunk_size=len(paths)))
+    return stacked(next(pixels_in_chunks(paths, *shape, chunk_size=len(paths))))
+
+
+def stacked(chunk: list) -> tuple:
+    """A chunk of pixels_in_chunks as (its length, the usable images' pixels in one array (None if there are
+    none), {position in the chunk: the ImageError} of the others)."""
+    import numpy as np
+
+    failed = {j: item for j, item in enumerate(chunk) if isinstance(item, PipelineError)}
+    usable = [item for item in chunk if not isinstance(item, PipelineError)]
+    return len(chunk), np.stack(usable) if usable else None, failed
 
 
 def bundle_report(ranked: Ranked, truth, paths: list[str], names: list[str], worst: int) -> dict:
