@@ -43,10 +43,12 @@ def train_run(
     import dataclasses
     import json
 
-    from train.launch import LaunchOptions, run_job
+    from train.launch import LaunchOptions, elastic_conflict, run_job
 
     settings = settings or {}
     config = train_config(config_path, settings, resume=resume)
+    if launch and launch.min_workers and elastic_conflict(config):
+        raise ConfigError(elastic_conflict(config))
     # What each worker runs, when this process starts workers: the same config file and settings, so all train the
     # same thing.
     arguments = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]

@@ -42,6 +42,17 @@ HEARTBEAT_LINE = re.compile(rf"^{re.escape(HEARTBEAT)} on (\S+)$")
 BLACKLIST_COOLDOWN = (2, 300)
 
 
+def elastic_conflict(config: dict) -> str | None:
+    """Why `config` cannot train in an elastic job, or None. The launcher asks before it starts any worker; each
+    worker asks again, for an elastic job started by horovodrun itself."""
+    if config["ema_decay"]:
+        return (
+            f"ema_decay={config['ema_decay']:g}: weight EMA is not supported in an elastic job (its rollbacks "
+            "restore the weights, not their average); set ema_decay=0 or train with a fixed number of workers"
+        )
+    return None
+
+
 class LaunchOptionsError(PipelineError):
     """Launch options that contradict each other: a usage error (exit code 2), as the command line's own."""
 

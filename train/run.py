@@ -27,6 +27,7 @@ from train import distributed
 from train.batches import epoch_batches, eval_batches, image_batches, resume_point, train_batches
 from train.data import Dataset, load_dataset
 from train.keras_internals import dropout_generators
+from train.launch import elastic_conflict
 from train.models import NORMALIZATION, build_model
 from train.plots import plot_confusion, plot_curves
 from train.rundir import RunDir, Summary, check_resume, read_run_json, versions
@@ -98,11 +99,9 @@ def _train(run: RunDir, config: dict, claim: Callable[[], Position]) -> Path:
     """
     elastic = None  # train/elastic.py in an elastic job; it imports Horovod Elastic
     if distributed.elastic():
-        if config["ema_decay"]:  # every worker refuses, before any collective
-            raise RunError(
-                f"ema_decay={config['ema_decay']:g}: weight EMA is not supported in an elastic job (its rollbacks "
-                "restore the weights, not their average); set ema_decay=0 or train with a fixed number of workers"
-            )
+        conflict = elastic_conflict(config)
+        if conflict:  # every worker refuses, before any collective
+            raise RunError(conflict)
         from train import elastic
     started = time.perf_counter()
     data = load_dataset(config)
