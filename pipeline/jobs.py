@@ -100,7 +100,7 @@ def quantize_run(
     from train.data import load_dataset, stratified_sample
 
     with run.lock("quantizing"):
-        trained = trained_run(run, modes)
+        trained = trained_run(run, modes, config)
         data = load_dataset(config, train_in_memory="qat" in modes)  # QAT trains; the rest calibrates on a few
         held_out = (data.test_x, data.test_y, "test") if data.test_y is not None else (data.val_x, data.val_y, "val")
         quantize_data = QuantizeData(
@@ -162,10 +162,10 @@ def export_pretrained(
         return export_bundles(trained, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
 
 
-def trained_run(run: RunDir, modes: Sequence[str]) -> Trained:
-    """What quantize/ needs of `run` (a train.rundir.RunDir; quantize knows no run's layout): its model, config and
-    summary, and where the bundles of `modes` (and float32's), labels.txt and the report go. QuantizeError when the
-    run has not finished training."""
+def trained_run(run: RunDir, modes: Sequence[str], config: dict | None = None) -> Trained:
+    """What quantize/ needs of `run` (a train.rundir.RunDir; quantize knows no run's layout): its model, config
+    (`config` when the caller has read it already) and summary, and where the bundles of `modes` (and float32's),
+    labels.txt and the report go. QuantizeError when the run has not finished training."""
     import dataclasses
 
     from quantize.export import QuantizeError, Trained
@@ -177,7 +177,7 @@ def trained_run(run: RunDir, modes: Sequence[str]) -> Trained:
         name=run.name,
         run_dir=str(run),
         model_file=run.best_model,
-        config=run.read_config(),
+        config=run.read_config() if config is None else config,
         summary=dataclasses.asdict(run.read_summary()),
         bundle_files={mode: run.bundle(mode) for mode in ["float32", *modes]},
         labels_file=run.labels_file,
