@@ -178,22 +178,32 @@ def decoded_chunks(paths: list[str], shape: tuple[int, int, int], jobs: int, chu
     if jobs <= 1 or len(paths) <= chunk_size or "fork" not in multiprocessing.get_all_start_methods():
         yield from map(stacked, pixels_in_chunks(paths, *shape, jobs=jobs, chunk_size=chunk_size))
         return
+    import signal
     from concurrent.futures import ProcessPoolExecutor
 
     tasks = ((paths[start : start + chunk_size], shape) for start in range(0, len(paths), chunk_size))
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_ignore_interrupts)
     try:
+        # The pool forks its processes at its first task. Forked with SIGINT blocked, a Ctrl-C (sent to the whole
+        # process group) cannot interrupt one before _ignore_interrupts has run; here it waits the few ms.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool.submit(int).result()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         yield from in_order(pool, _decode_chunk, tasks, ahead=2 * jobs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ignore_interrupts() -> None:
-    """In a decoding process: Ctrl-C is for the parent, which ends the pool, not a traceback from each process."""
+    """In a decoding process: Ctrl-C is for the parent, which ends the pool, not a traceback from each process.
+    Ignoring SIGINT drops one that came while it was blocked (see decoded_chunks); then it is unblocked."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _decode_chunk(task: tuple[list[str], tuple[int, int, int]]) -> tuple:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from sklearn import metrics as sk
 
 from serve import Classifier
 from serve.metrics import classification_report, confusion_matrix, top_k_accuracy
-from tests.conftest import ROOT, run_pipeline
+from tests.conftest import PIPELINE, ROOT, run_pipeline
 from tests.test_serve import assert_one_line_error
 
 # The folder names pipeline evaluate must match to the bundle's labels: exact ("Trouser"), or as `pipeline samples`
@@ -214,3 +217,38 @@ print(json.dumps(sorted(m for m in loaded if not m.startswith("_"))))
     loaded = set(json.loads(result.stdout.splitlines()[-1])) - {"pipeline", "serve", "train", "quantize"}
     assert loaded <= {"PIL", "ai_edge_litert", "click", "numpy", "yaml"}, loaded
     assert (tmp_path / "evaluation.json").is_file()
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes `pid` started that are still alive (Linux's /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from Linux's /proc")
+def test_ctrl_c_ends_the_run_and_its_decoding_processes(bundles, class_folder, tmp_path):
+    """Ctrl-C at a terminal: SIGINT to the whole process group, the forked decoders included. The run ends with
+    "Aborted." and exit code 130, no traceback from any process, no process left, no evaluation.json."""
+    _, paths, labels = class_folder
+    folder = tmp_path / "many"
+    for copy in range(100):  # 20,000 hard links to the 200 images: seconds of decoding
+        for i, (path, label) in enumerate(zip(paths, labels)):
+            target = folder / FOLDERS[label] / f"{copy:03d}_{i:03d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.hardlink_to(path)
+    out = tmp_path / "out"
+    command = [*PIPELINE, "evaluate", str(folder), "-m", str(bundles["int8"]), "--out", str(out), "-j", "2"]
+    run = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 60
+    while len(children(run.pid)) < 2 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    decoders = children(run.pid)
+    assert len(decoders) >= 2, "the decoding processes never started"
+    os.killpg(run.pid, signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and stderr.strip().splitlines() == ["Aborted."], stderr
+    assert stdout == "" and not (out / "evaluation.json").exists()
+    for pid in decoders:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
