@@ -47,8 +47,9 @@ def train_run(
 
     settings = settings or {}
     config = train_config(config_path, settings, resume=resume)
-    if launch and launch.min_workers and elastic_conflict(config):
-        raise ConfigError(elastic_conflict(config))
+    conflict = elastic_conflict(config) if launch and launch.min_workers else None
+    if conflict:
+        raise ConfigError(conflict)
     # What each worker runs, when this process starts workers: the same config file and settings, so all train the
     # same thing.
     arguments = ["train", *(["--resume"] if resume else []), *(["--exist-ok"] if exist_ok else [])]
