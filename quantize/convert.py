@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from quantize import MODES, QUANTIZED_MODES
+from quantize import MODES, QUANTIZED_MODES, SENSITIVE_STEPS
 from quantize.tflite_internals import (
     BiasEditor,
     GraphOp,
@@ -49,24 +49,24 @@ CONVERTER_NOISE = re.compile(
 )
 
 
-def to_tflite(model, mode: str, calibration: Images | None = None) -> bytes:
+def to_tflite(model, mode: str, calibration: Images | None = None, sensitive_steps: float = SENSITIVE_STEPS) -> bytes:
     """Convert `model` (a QAT model for mode "qat"), which ends in a softmax. Integer modes take uint8 pixels,
     run int8 inside and return float32 scores; `calibration` (uint8 images) sets the activation ranges.
     Post-training int8 keeps the layers that read the image and the classifier's last layer in float (see
     `post_training_int8`), and, when it changes float's top-1 class on too many calibration images, its most
-    sensitive layers too. QAT runs its softmax in float on the dequantized int8 logits. The converter's
-    CONVERTER_NOISE stays off stderr."""
+    sensitive layers too (`sensitive_steps`: see quantize.SENSITIVE_STEPS). QAT runs its softmax in float on the
+    dequantized int8 logits. The converter's CONVERTER_NOISE stays off stderr."""
     with stderr_without(CONVERTER_NOISE.fullmatch), warnings.catch_warnings():
         # Our uint8 input takes raw pixels: there are no input statistics to give.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        return _converted(model, mode, calibration)
+        return _converted(model, mode, calibration, sensitive_steps)
 
 
-def _converted(model, mode: str, calibration: Images | None) -> bytes:
+def _converted(model, mode: str, calibration: Images | None, sensitive_steps: float) -> bytes:
     if mode in QUANTIZED_MODES and (calibration is None or not len(calibration)):
         raise ValueError("integer quantisation needs calibration images")
     if mode == "int8":
-        return post_training_int8(model, calibration)
+        return post_training_int8(model, calibration, sensitive_steps=sensitive_steps)
     if mode == "qat":
         # QAT models carry their own ranges, but the converter insists on a representative dataset
         # for full-integer output; the result is the same with or without it.
@@ -98,10 +98,7 @@ def _integer_converter(model, calibration: Images) -> tf.lite.TFLiteConverter:
 # 85%; the small CNN on Fashion-MNIST: over 99%, so its conversion costs only the check).
 AGREEMENT_TARGET = 0.95
 CHECK_IMAGES = 256
-# A layer is sensitive when its int8 output's root-mean-square error, with the int8 input it gets, exceeds this
-# many of its quantisation steps (rounding alone gives 1/sqrt(12) = 0.29). EfficientNet-Lite0: the stem and first
-# depthwise convolution 2.2 and 2.8, three more layers over 0.5, the median 0.30. Measured on SENSITIVITY_IMAGES.
-SENSITIVE_STEPS = 0.5
+# Images the sensitivity of each layer (quantize.SENSITIVE_STEPS) is measured on.
 SENSITIVITY_IMAGES = 64
 # Calibration images the int8 graph's biases are corrected on (evenly spaced; all of EfficientNet-Lite0's 340: with
 # 128 its top-1 agreement on 510 unseen crops was 0.935, with 340 0.949).
@@ -111,11 +108,16 @@ CORRECTION_IMAGES = 512
 MIN_INSIDE_CLAMP = 0.25
 
 
-def post_training_int8(model, calibration: Images, agreement_target: float = AGREEMENT_TARGET) -> bytes:
+def post_training_int8(
+    model,
+    calibration: Images,
+    agreement_target: float = AGREEMENT_TARGET,
+    sensitive_steps: float = SENSITIVE_STEPS,
+) -> bytes:
     """`model` in integer ops (uint8 in, float scores out), its weights rounded with bias correction, except the
     layers that read the image and the classifier's last layer (see `int8_graph`). When it picks float's top-1 class
     on fewer than `agreement_target` of the calibration images, it is made again by `high_fidelity_int8` (0:
-    never)."""
+    never), with the layers whose int8 error exceeds `sensitive_steps` in float."""
     corrected = calibrate_only(_integer_converter(bias_corrected(model, calibration), calibration))
     original = calibrate_only(_integer_converter(model, calibration))
     image_side = image_side_ops(graph_ops(corrected))
@@ -125,7 +127,7 @@ def post_training_int8(model, calibration: Images, agreement_target: float = AGR
     agreement = top1_agreement(flat, model, evenly_spaced(calibration, CHECK_IMAGES))
     if agreement >= agreement_target:
         return flat
-    flat, float_ops = high_fidelity_int8(calibration, corrected, original, image_side)
+    flat, float_ops = high_fidelity_int8(calibration, corrected, original, image_side, sensitive_steps)
     print(
         f"int8: top-1 agreed with float on {agreement:.1%} of the calibration images; kept {len(float_ops)} "
         f"sensitive op(s) in float and corrected the int8 graph's biases",
@@ -173,14 +175,14 @@ def int8_graph(corrected: bytes, original: bytes, float_ops: set[str]) -> bytes:
 
 
 def high_fidelity_int8(
-    calibration: Images, corrected: bytes, original: bytes, float_ops: set[str]
+    calibration: Images, corrected: bytes, original: bytes, float_ops: set[str], sensitive_steps: float
 ) -> tuple[bytes, set[str]]:
-    """`int8_graph` with the sensitive layers in float too, and the ops without weights that feed them (such as the
-    input's normalisation); then the biases corrected for the error int8 activations add, on the int8 graph itself
-    (`activation_bias_corrected`). `corrected` and `original` as for `int8_graph`; `float_ops` stay float anyway.
-    Returns (model, the float ops' names)."""
+    """`int8_graph` with the layers whose int8 error exceeds `sensitive_steps` in float too, and the ops without
+    weights that feed them (such as the input's normalisation); then the biases corrected for the error int8
+    activations add, on the int8 graph itself (`activation_bias_corrected`). `corrected` and `original` as for
+    `int8_graph`; `float_ops` stay float anyway. Returns (model, the float ops' names)."""
     reference = quantize_calibrated(original, [op.name for op in graph_ops(original)])  # all in float: the float model
-    sensitive = sensitive_ops(corrected, evenly_spaced(calibration, SENSITIVITY_IMAGES))
+    sensitive = sensitive_ops(corrected, evenly_spaced(calibration, SENSITIVITY_IMAGES), sensitive_steps)
     float_ops = with_weightless_producers(sensitive + sorted(float_ops), graph_ops(corrected))
     mixed = int8_graph(corrected, original, float_ops)
     return activation_bias_corrected(mixed, reference, evenly_spaced(calibration, CORRECTION_IMAGES)), float_ops
@@ -200,9 +202,9 @@ def top1_agreement(flat: bytes, model, images: np.ndarray) -> float:
     return float(np.mean(np.argmax(scores, axis=1) == reference.argmax(axis=1)))
 
 
-def sensitive_ops(calibrated_model: bytes, images: np.ndarray) -> list[str]:
-    """The ops of `calibrated_model` whose int8 outputs err by more than SENSITIVE_STEPS quantisation steps (root
-    mean square, against the float op on the same int8 inputs), by TensorFlow's QuantizationDebugger on `images`."""
+def sensitive_ops(calibrated_model: bytes, images: np.ndarray, steps: float = SENSITIVE_STEPS) -> list[str]:
+    """The ops of `calibrated_model` whose int8 outputs err by more than `steps` quantisation steps (root mean
+    square, against the float op on the same int8 inputs), by TensorFlow's QuantizationDebugger on `images`."""
     with warnings.catch_warnings():
         # The debugger runs TensorFlow's own tf.lite.Interpreter, which warns that it is deprecated for LiteRT's.
         warnings.filterwarnings("ignore", message=r"\s*Warning: Please use the LiteRT interpreter")
@@ -216,7 +218,7 @@ def sensitive_ops(calibrated_model: bytes, images: np.ndarray) -> list[str]:
     return [
         row["tensor_name"]
         for row in csv.DictReader(io.StringIO(dump.getvalue()))
-        if math.sqrt(float(row["mean_squared_error"])) > SENSITIVE_STEPS * float(row["scale"])
+        if math.sqrt(float(row["mean_squared_error"])) > steps * float(row["scale"])
     ]
 
 

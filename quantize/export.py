@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from quantize import QUANTIZED_MODES
+from quantize import QUANTIZED_MODES, SENSITIVE_STEPS
 from quantize.client_input import CLIENT_CHANNELS, as_rgb, for_clients
 from quantize.convert import Images, quantization_aware, to_tflite
 from quantize.metadata import embed_metadata
@@ -74,13 +74,21 @@ class Trained:
 
 
 def export_bundles(
-    trained: Trained, data: QuantizeData, *, modes: Sequence[str], budget: float, qat_epochs: int, num_threads: int
+    trained: Trained,
+    data: QuantizeData,
+    *,
+    modes: Sequence[str],
+    budget: float,
+    qat_epochs: int,
+    num_threads: int,
+    sensitive_steps: float = SENSITIVE_STEPS,
 ) -> dict:
     """Write a float32 bundle and one bundle per mode, labels.txt and the report, where `trained` says.
 
     Each bundle is run by serve's Classifier on `data.eval_x` and compared with float32. A quantised bundle
     whose top-1 accuracy drops more than `budget` points below float32 is not written (an older bundle of
-    that mode is set aside); the report says so and `report["rejected"]` lists it.
+    that mode is set aside); the report says so and `report["rejected"]` lists it. `sensitive_steps`: see
+    quantize.convert.SENSITIVE_STEPS.
     """
     check_version(tf.__version__)  # before anything is written: embedding the metadata needs a supported release
     if "qat" in modes and (data.train_x is None or data.train_y is None):
@@ -103,7 +111,7 @@ def export_bundles(
     for mode in ["float32"] + [m for m in dict.fromkeys(modes) if m != "float32"]:
         print(f"{mode}: converting", flush=True)
         started = time.time()
-        flat = convert(model, mode, data, config, qat_epochs)
+        flat = convert(model, mode, data, config, qat_epochs, sensitive_steps)
         convert_seconds = round(time.time() - started, 1)
         metadata = base._replace(quantization=mode)
         classifier = Classifier(embed_metadata(flat, metadata), num_threads=num_threads)
@@ -125,7 +133,7 @@ def export_bundles(
         else:
             _set_aside_previous(trained.bundle_files[mode])
 
-    report = make_report(trained.run_dir, data, budget, num_threads, results)
+    report = make_report(trained.run_dir, data, budget, num_threads, sensitive_steps, results)
     write_atomic(trained.report_file, json.dumps(report, indent=2))
     print(format_report(report))
     return report
@@ -182,7 +190,9 @@ def public_config(config: dict) -> dict:
     return shown
 
 
-def convert(model, mode: str, data: QuantizeData, config: dict, qat_epochs: int) -> bytes:
+def convert(
+    model, mode: str, data: QuantizeData, config: dict, qat_epochs: int, sensitive_steps: float = SENSITIVE_STEPS
+) -> bytes:
     """The TFLite flatbuffer of `model` in `mode` behind the clients' batch-1 RGB input (`data.calibration` is
     RGB); for "qat", of a copy fine-tuned quantisation-aware first (on the training split as it is)."""
     if mode == "qat":
@@ -195,7 +205,7 @@ def convert(model, mode: str, data: QuantizeData, config: dict, qat_epochs: int)
             float(config["learning_rate"]) / 10,  # fine-tuning, so a tenth of the training rate
             int(config["seed"]),
         )
-    return to_tflite(for_clients(model), mode, data.calibration)
+    return to_tflite(for_clients(model), mode, data.calibration, sensitive_steps)
 
 
 def evaluate(classifier: Classifier, data: QuantizeData, reference: dict | None) -> tuple[dict, dict]:
@@ -301,7 +311,9 @@ def _set_aside_previous(bundle: Path) -> None:
         print(f"moved the previous {bundle.name} aside to {stale} (it was made from an earlier model)", flush=True)
 
 
-def make_report(run_dir: str, data: QuantizeData, budget: float, num_threads: int, results: dict) -> dict:
+def make_report(
+    run_dir: str, data: QuantizeData, budget: float, num_threads: int, sensitive_steps: float, results: dict
+) -> dict:
     """The report (the run's quantize_report.json): every bundle's metrics, and which modes were rejected."""
     return {
         "run": run_dir,
@@ -310,6 +322,7 @@ def make_report(run_dir: str, data: QuantizeData, budget: float, num_threads: in
         "held_out_images": 0 if data.holdout_x is None else len(data.holdout_x),
         "calibration_images": len(data.calibration),
         "budget_points": budget,
+        "sensitive_steps": sensitive_steps,
         "num_threads": num_threads,
         "latency_rounds": LATENCY_ROUNDS,
         "bundles": results,

@@ -88,7 +88,14 @@ def test_stale_bundle_survives_a_failed_gate(tmp_path, fmnist_run, bundles, fmni
 
 
 @pytest.mark.parametrize(
-    "option", [("--calibration-images", "0"), ("--qat-epochs", "0"), ("--budget", "-1"), ("--num-threads", "0")]
+    "option",
+    [
+        ("--calibration-images", "0"),
+        ("--qat-epochs", "0"),
+        ("--budget", "-1"),
+        ("--num-threads", "0"),
+        ("--sensitive-steps", "0"),
+    ],
 )
 def test_quantize_argument_errors_write_nothing(tmp_path, fmnist_run, bundles, option):
     run = copy_run(fmnist_run, tmp_path / "fmnist")
@@ -338,10 +345,12 @@ def test_int8_logits_are_float_products_of_int8_features_and_int8_stored_weights
 
 
 def test_report_latency_is_a_median_within_its_rounds(fmnist_run, bundles):
+    from quantize import SENSITIVE_STEPS
     from quantize.export import LATENCY_ROUNDS
 
     report = json.loads((fmnist_run / "quantize_report.json").read_text())
     assert report["latency_rounds"] == LATENCY_ROUNDS and report["held_out_images"] == 0
+    assert report["sensitive_steps"] == SENSITIVE_STEPS
     for row in report["bundles"].values():
         low, high = row["latency_spread_ms"]
         assert 0 < low <= row["latency_ms"] <= high
@@ -410,6 +419,29 @@ def test_int8_that_changes_floats_answers_is_made_again_with_corrected_biases(ca
     classifier = Classifier(flat, verify_checksum=False)
     assert classifier.input_dtype == np.uint8
     assert classifier.predict(calibration[:3]).dtype == np.float32
+
+
+def test_lower_sensitive_steps_keep_more_layers_in_float(capsys):
+    """Near-ties again, now with every layer counted sensitive: more ops are kept in float, the depthwise convolution
+    among them, with its float32 weights (the last layer's stay stored as int8). What that buys on EfficientNet-Lite
+    is for benchmarks to measure (docs/quantization.md)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from quantize.convert import to_tflite
+
+    calibration = _coloured_noise(200, seed=0)
+    model = _tiny_classifier(margin=0.02)
+    to_tflite(model, "int8", calibration)
+    low = to_tflite(model, "int8", calibration, sensitive_steps=0.01)
+    kept = [int(n) for n in re.findall(r"kept (\d+) sensitive op", capsys.readouterr().out)]
+    assert len(kept) == 2 and kept[1] > kept[0], kept
+    interpreter = Interpreter(model_content=low)
+    tensors = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
+    stored = {op["outputs"][0]: tensors[op["inputs"][0]]["dtype"] for op in ops if op["op_name"] == "DEQUANTIZE"}
+    weighted = [op for op in ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert [tensors[op["outputs"][0]]["dtype"] for op in weighted] == [np.float32] * 3
+    assert [stored.get(op["inputs"][1]) for op in weighted] == [None, None, np.int8]
 
 
 def test_activation_bias_correction_takes_the_mean_error_off_every_layer():
