@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.files import atomic_path
+from serve.metrics import ranked
 from serve.preprocess import IMAGE_EXTENSIONS, to_pixels
 from train import efficientnet_lite
 from train.rundir import RunDir, Summary, versions
@@ -139,7 +140,7 @@ FLOAT_APART = 0.01
 def tied_apart(int8: np.ndarray, float32: np.ndarray, top: int = 10) -> list[tuple[int, int]]:
     """The pairs of classes among int8's `top` whose int8 scores tie while float32's do not (the benchmark and the
     tests count them: an int8 bundle should have none)."""
-    best = np.argsort(-int8)[:top]
+    best = ranked(int8[None], top)[0]
     return [
         (int(a), int(b))
         for i, a in enumerate(best)
