@@ -20,8 +20,10 @@ from quantize.tflite_internals import (
     calibrate_only,
     graph_ops,
     quantize_calibrated,
+    recorded_ranges,
     softmax_in_float,
     weights_stored_int8,
+    with_ranges,
 )
 from serve.quiet import ABSL_UNINITIALIZED_LINE, LITERT_INFO_LINE, stderr_without
 
@@ -103,6 +105,11 @@ SENSITIVITY_IMAGES = 64
 # Calibration images the int8 graph's biases are corrected on (evenly spaced; all of EfficientNet-Lite0's 340: with
 # 128 its top-1 agreement on 510 unseen crops was 0.935, with 340 0.949).
 CORRECTION_IMAGES = 512
+# The high-fidelity conversion fits each activation's range on RANGE_IMAGES calibration images (evenly spaced),
+# RANGE_VALUES values drawn from each tensor per image, trying these shares of the range calibration recorded.
+RANGE_IMAGES = 64
+RANGE_VALUES = 4000
+RANGE_SHARES = np.linspace(0.2, 1.0, 33)
 # Share of an output channel's values inside its activation's clamp below which a measured shift is not scaled up
 # further: a channel that is mostly clamped says little about its bias.
 MIN_INSIDE_CLAMP = 0.25
@@ -177,15 +184,58 @@ def int8_graph(corrected: bytes, original: bytes, float_ops: set[str]) -> bytes:
 def high_fidelity_int8(
     calibration: Images, corrected: bytes, original: bytes, float_ops: set[str], sensitive_steps: float
 ) -> tuple[bytes, set[str]]:
-    """`int8_graph` with the layers whose int8 error exceeds `sensitive_steps` in float too, and the ops without
-    weights that feed them (such as the input's normalisation); then the biases corrected for the error int8
-    activations add, on the int8 graph itself (`activation_bias_corrected`). `corrected` and `original` as for
-    `int8_graph`; `float_ops` stay float anyway. Returns (model, the float ops' names)."""
+    """`int8_graph` of `corrected` with its activations' ranges fitted (`fitted_ranges`), the layers whose int8 error
+    then exceeds `sensitive_steps` in float too, and the ops without weights that feed them (such as the input's
+    normalisation); then the biases corrected for the error int8 activations add, on the int8 graph itself
+    (`activation_bias_corrected`). `corrected` and `original` as for `int8_graph`; `float_ops` stay float anyway.
+    Returns (model, the float ops' names)."""
     reference = quantize_calibrated(original, [op.name for op in graph_ops(original)])  # all in float: the float model
+    corrected = fitted_ranges(corrected, evenly_spaced(calibration, RANGE_IMAGES))
     sensitive = sensitive_ops(corrected, evenly_spaced(calibration, SENSITIVITY_IMAGES), sensitive_steps)
     float_ops = with_weightless_producers(sensitive + sorted(float_ops), graph_ops(corrected))
     mixed = int8_graph(corrected, original, float_ops)
     return activation_bias_corrected(mixed, reference, evenly_spaced(calibration, CORRECTION_IMAGES)), float_ops
+
+
+def fitted_ranges(calibrated_model: bytes, images: np.ndarray) -> bytes:
+    """`calibrated_model` with each tensor's range (calibration's minimum and maximum) narrowed to the share of it
+    whose 256 levels err least on `images`, rounding and clipping together (mean square): a few far values otherwise
+    set coarse steps for all the others (EfficientNet-Lite1's first projection: -55..58, a step of 0.45). On
+    EfficientNet-Lite2 this alone raised plain int8's top-1 agreement with float on 510 unseen crops from 86% to 88%."""
+    recorded = recorded_ranges(calibrated_model)
+    rng = np.random.default_rng(0)
+    drawn: dict[str, list[np.ndarray]] = {name: [] for name in recorded}
+    tensors: dict[str, int] = {}  # name: index, filled on the first image
+
+    def draw(interpreter, _output):
+        if not tensors:
+            tensors.update({d["name"]: d["index"] for d in interpreter.get_tensor_details() if d["name"] in drawn})
+        for name, index in tensors.items():
+            values = interpreter.get_tensor(index).reshape(-1)
+            drawn[name].append(values[rng.integers(0, len(values), min(len(values), RANGE_VALUES))])
+
+    _run(calibrated_model, images, draw, keep_tensors=True)
+    return with_ranges(
+        calibrated_model, {name: _least_error_range(np.concatenate(drawn[name]), *recorded[name]) for name in tensors}
+    )
+
+
+def _least_error_range(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The share of (`low`, `high`) (RANGE_SHARES, 0 kept inside) whose uint8 levels err least on `values`; of equal
+    errors the narrowest."""
+    values = values.astype(np.float64)
+
+    def shared(share: float) -> tuple[float, float]:
+        return min(0.0, share * low), max(0.0, share * high)
+
+    def error(share: float) -> float:
+        bottom, top = shared(share)
+        scale = (top - bottom) / 255 or 1.0
+        zero_point = np.round(-bottom / scale)
+        levels = np.clip(np.round(values / scale) + zero_point, 0, 255)
+        return float(np.mean(((levels - zero_point) * scale - values) ** 2))
+
+    return shared(min(RANGE_SHARES, key=error))
 
 
 def evenly_spaced(images: Images, count: int) -> np.ndarray:
@@ -291,11 +341,11 @@ def _run(flat: bytes, images: np.ndarray, read, keep_tensors: bool = False) -> n
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
         interpreter = Interpreter(model_content=flat, experimental_preserve_all_tensors=keep_tensors)
     interpreter.allocate_tensors()
-    input_index = interpreter.get_input_details()[0]["index"]
+    input_index, input_type = (interpreter.get_input_details()[0][key] for key in ("index", "dtype"))
     output_index = interpreter.get_output_details()[0]["index"]
     results = []
     for image in images:
-        interpreter.set_tensor(input_index, image[None])
+        interpreter.set_tensor(input_index, image[None].astype(input_type))  # a calibrated graph takes float32
         interpreter.invoke()
         results.append(read(interpreter, output_index))
     return np.array(results)

@@ -175,6 +175,33 @@ def quantize_calibrated(
     return model if numeric_verify else deduplicate_readonly_buffers(model)
 
 
+def recorded_ranges(calibrated_model: bytes) -> dict[str, tuple[float, float]]:
+    """The (min, max) that calibration recorded for each tensor of `calibrated_model` but its inputs, by name."""
+    _, flatbuffer_utils = _private_api()
+    graph = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated_model)).subgraphs[0]
+    return {
+        _name(tensor): (float(tensor.quantization.min[0]), float(tensor.quantization.max[0]))
+        for i, tensor in enumerate(graph.tensors)
+        if i not in graph.inputs and _one_range(tensor)
+    }
+
+
+def with_ranges(calibrated_model: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
+    """`calibrated_model` with the recorded (min, max) of the tensors named in `ranges` replaced by theirs."""
+    _, flatbuffer_utils = _private_api()
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated_model))
+    for tensor in tree.subgraphs[0].tensors:
+        if _name(tensor) in ranges and _one_range(tensor):
+            low, high = ranges[_name(tensor)]
+            tensor.quantization.min, tensor.quantization.max = np.array([low], np.float32), np.array([high], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
+def _one_range(tensor) -> bool:
+    quantization = tensor.quantization
+    return quantization is not None and quantization.min is not None and len(quantization.min) == 1
+
+
 class GraphOp(NamedTuple):
     """One op of a TFLite graph: its output tensor's name (what `quantize_calibrated` takes), the names of the ops that
     produce its inputs, whether it has weights (a convolution or fully-connected layer), the range its fused
