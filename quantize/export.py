@@ -88,7 +88,7 @@ def export_bundles(
     Each bundle is run by serve's Classifier on `data.eval_x` and compared with float32. A quantised bundle
     whose top-1 accuracy drops more than `budget` points below float32 is not written (an older bundle of
     that mode is set aside); the report says so and `report["rejected"]` lists it. `sensitive_steps`: see
-    quantize.convert.SENSITIVE_STEPS.
+    quantize.SENSITIVE_STEPS.
     """
     check_version(tf.__version__)  # before anything is written: embedding the metadata needs a supported release
     if "qat" in modes and (data.train_x is None or data.train_y is None):

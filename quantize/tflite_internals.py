@@ -1,5 +1,5 @@
-"""TensorFlow's private TFLite Python API, behind one door: rewriting a model's metadata list, graph and biases, and
-the converter's calibrate and quantise steps taken one at a time.
+"""TensorFlow's private TFLite Python API, behind one door: rewriting a model's metadata list, graph, biases and
+recorded activation ranges, and the converter's calibrate and quantise steps taken one at a time.
 
 `tensorflow.lite.python.schema_py_generated` (the schema's object API), `tensorflow.lite.tools.flatbuffer_utils`,
 `tensorflow.lite.python.convert.mlir_quantize` and the converter's `_experimental_calibrate_only` are not public
